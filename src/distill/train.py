@@ -1,0 +1,320 @@
+"""The training loop: ``fit(model, data, cfg, teacher=..., log_fn=...)``.
+
+- SGD with momentum and weight decay, cosine schedule (per epoch like the seed, or per step), optional warmup.
+- On CUDA: the split lives on the device, augmentation runs there in batch, bf16 autocast and channels_last,
+  optional torch.compile (``reduce-overhead`` = CUDA graphs). On CPU the same code runs on CPU tensors.
+- The frozen teacher runs under ``inference_mode`` on exactly the student's augmented batch.
+- A checkpoint after every epoch (model, optimiser, scheduler, RNG states, best-so-far weights, history);
+  a killed run resumes from the last one and ends bit-identical on CPU to an uninterrupted run.
+- Metrics go to a ``log_fn(metrics, step)`` callback; the loop never talks to a tracking server.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import KDConfig, TrainConfig
+from .data import Augment, iterate_batches, normalize
+from .losses import get_loss
+
+log = logging.getLogger("distill.train")
+
+LogFn = Callable[[dict, int], None]
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp: bool
+    channels_last: bool
+    compile: str  # "off" | "default" | "reduce-overhead"
+
+
+def resolve_runtime(cfg: TrainConfig) -> Runtime:
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device='cuda' was requested but CUDA is not available")
+    dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+    cuda = dev.type == "cuda"
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
+    cl = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
+    comp = cfg.compile
+    if comp == "auto":
+        comp = "reduce-overhead" if cuda else "off"
+    return Runtime(dev, amp, cl, comp)
+
+
+class LRSchedule:
+    """Linear warmup then cosine to 0; evaluated per optimiser step. ``per_epoch`` holds the lr flat within an
+    epoch (the seed's CosineAnnealingLR(T_max=epochs) stepped once per epoch). A plain object, so LambdaLR's
+    state_dict stays JSON-serialisable."""
+
+    def __init__(self, epochs: int, steps_per_epoch: int, warmup_epochs: int, per_epoch: bool):
+        self.epochs, self.steps_per_epoch = epochs, steps_per_epoch
+        self.warmup_epochs, self.per_epoch = warmup_epochs, per_epoch
+
+    def __call__(self, step: int) -> float:
+        if self.per_epoch:
+            t, warm, total = step // self.steps_per_epoch, self.warmup_epochs, self.epochs
+        else:
+            t, warm, total = step, self.warmup_epochs * self.steps_per_epoch, self.epochs * self.steps_per_epoch
+        if t < warm:
+            return (t + 1) / (warm + 1)
+        return 0.5 * (1.0 + math.cos(math.pi * (t - warm) / max(1, total - warm)))
+
+
+@dataclass
+class FitResult:
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    best_val_acc: float = 0.0
+    epochs_run: int = 0
+    resumed_from_epoch: int = 0
+    train_seconds: float = 0.0
+    images_per_second: float = 0.0
+    runtime: dict = field(default_factory=dict)
+
+
+def _rng_state() -> dict:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["torch_cuda"]))
+
+
+def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
+    # Shuffling and augmentation of epoch e depend on (seed, e) only: a resumed run replays them exactly.
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
+    return g
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x_u8: torch.Tensor, rt: Runtime, batch_size: int = 1000) -> torch.Tensor:
+    """Float32 logits of ``model`` on uint8 images (normalised here), in batches, on rt.device."""
+    was_training = model.training
+    model.eval()
+    outs = []
+    for i in range(0, len(x_u8), batch_size):
+        xb = normalize(x_u8[i : i + batch_size].to(rt.device, non_blocking=True))
+        if rt.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
+            outs.append(model(xb).float())
+    model.train(was_training)
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+class _Progress:
+    def __init__(self, mode: str, total: int, desc: str):
+        self.bar = None
+        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+        self.log_lines = mode in ("auto", "log") and not use_bar
+        if use_bar:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
+
+    def update(self, n: int = 1, **postfix):
+        if self.bar is not None:
+            self.bar.update(n)
+            if postfix:
+                self.bar.set_postfix(postfix, refresh=False)
+
+    def epoch_line(self, text: str):
+        if self.bar is not None:
+            self.bar.write(text)
+        elif self.log_lines:
+            log.info(text)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(
+    model: nn.Module,
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    kd: KDConfig | None = None,
+    log_fn: LogFn | None = None,
+    ckpt_dir: str | Path | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    resume: bool = True,
+    desc: str = "train",
+) -> tuple[nn.Module, FitResult]:
+    """Train ``model`` on ``data["train"]``, select on ``data["val"]``; returns the best-on-validation model.
+
+    With ``teacher`` the loss is ``kd.loss`` (default Hinton KD); without, plain cross-entropy.
+    """
+    rt = resolve_runtime(cfg)
+    dev = rt.device
+    x_train, y_train = (t.to(dev) for t in data["train"])
+    x_val, y_val = (t.to(dev) for t in data["val"])
+    n = len(x_train)
+    if n < cfg.batch_size:
+        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training split ({n} images)")
+    steps_per_epoch = n // cfg.batch_size  # drop_last: static shapes for CUDA graphs
+
+    model.to(dev)
+    if rt.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if teacher is not None:
+        kd = kd or KDConfig()
+        teacher.to(dev).eval()
+        if rt.channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    loss_fn = get_loss(kd.loss) if teacher is not None else get_loss("ce")
+    loss_kw = {"temperature": kd.temperature, "alpha": kd.alpha} if teacher is not None else {}
+
+    opt = torch.optim.SGD(
+        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+        **({"fused": True} if dev.type == "cuda" else {}),
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, LRSchedule(cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.schedule == "cosine_epoch")
+    )
+    augment = Augment()
+
+    result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last, "compile": rt.compile})
+    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    start_epoch = 0
+    ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
+    if ckpt_root is not None and resume and (folder := latest_checkpoint(ckpt_root)) is not None:
+        epoch_done, st = load_checkpoint(folder)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        _set_rng_state(st["rng"])
+        best_state = {k: v.to(dev) for k, v in st["best_model"].items()}
+        result.history = list(st["history"])
+        result.best_epoch, result.best_val_acc = st["best_epoch"], st["best_val_acc"]
+        result.train_seconds = st["train_seconds"]
+        start_epoch = result.resumed_from_epoch = epoch_done
+        log.info("%s: resumed from checkpoint %s (epoch %d of %d)", desc, folder, epoch_done, cfg.epochs)
+
+    fwd = model
+    tfwd = teacher
+    if rt.compile != "off":
+        fwd = torch.compile(model, mode=rt.compile)
+        if teacher is not None:
+            tfwd = torch.compile(teacher, mode=rt.compile)
+
+    cuda_graphs = rt.compile == "reduce-overhead" and dev.type == "cuda"
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
+
+    def step(xb_u8: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        xb = augment(xb_u8, g)
+        if rt.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        t_logits = None
+        if tfwd is not None:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
+                t_logits = tfwd(xb).float()
+            t_logits = t_logits.clone()  # a normal tensor, usable by autograd-tracked ops
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
+            s_logits = fwd(xb)
+        loss = loss_fn(s_logits, t_logits, yb, **loss_kw)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.detach()
+
+    total_steps = (cfg.epochs - start_epoch) * steps_per_epoch
+    progress = _Progress(cfg.progress, total_steps, desc)
+    images_seen, time_in_loop = 0, 0.0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            model.train()
+            g = _epoch_generator(cfg.seed, epoch, dev)
+            loss_sum = torch.zeros((), device=dev)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            lr_epoch = opt.param_groups[0]["lr"]
+            for i, (xb, yb) in enumerate(iterate_batches(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, generator=g)):
+                loss_sum += step(xb, yb, g)
+                if progress.bar is not None and (i % 20 == 0 or i == steps_per_epoch - 1):
+                    progress.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{(loss_sum / (i + 1)).item():.3f}")
+                else:
+                    progress.update(1)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            if not (rt.compile != "off" and epoch == start_epoch and cfg.epochs - start_epoch > 1):
+                # steady-state speed: the first epoch of a compiled run pays for compilation / graph capture
+                time_in_loop += dt
+                images_seen += steps_per_epoch * cfg.batch_size
+            result.train_seconds += dt
+            train_loss = float((loss_sum / steps_per_epoch).item())
+            if not math.isfinite(train_loss):
+                raise FloatingPointError(f"{desc}: training loss is {train_loss} at epoch {epoch + 1}; lower the lr")
+            val_logits = predict(model, x_val, rt, cfg.eval_batch_size)
+            val_acc = float((val_logits.argmax(1) == y_val).float().mean().item())
+            val_loss = float(torch.nn.functional.cross_entropy(val_logits, y_val).item())
+            if val_acc > result.best_val_acc or not result.history:
+                result.best_val_acc, result.best_epoch = val_acc, epoch + 1
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            row = {
+                "epoch": epoch + 1,
+                "train_loss": train_loss,
+                "val_acc": val_acc,
+                "val_loss": val_loss,
+                "lr": float(lr_epoch),
+                "epoch_seconds": dt,
+                "images_per_second": steps_per_epoch * cfg.batch_size / dt,
+            }
+            result.history.append(row)
+            progress.epoch_line(
+                f"{desc} epoch {epoch + 1}/{cfg.epochs}: train_loss {train_loss:.4f} val_acc {val_acc:.4f} "
+                f"({row['images_per_second']:.0f} img/s)"
+            )
+            if ckpt_root is not None:
+                folder = save_checkpoint(
+                    ckpt_root,
+                    epoch + 1,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "scheduler": sched.state_dict(),
+                        "rng": _rng_state(),
+                        "best_model": best_state,
+                        "best_epoch": result.best_epoch,
+                        "best_val_acc": result.best_val_acc,
+                        "history": result.history,
+                        "train_seconds": result.train_seconds,
+                    },
+                )
+                if on_checkpoint is not None:
+                    on_checkpoint(folder, epoch + 1)
+            if log_fn is not None:
+                log_fn({k: float(v) for k, v in row.items() if k != "epoch"}, epoch + 1)
+    finally:
+        progress.close()
+    result.epochs_run = cfg.epochs - start_epoch
+    result.images_per_second = images_seen / time_in_loop if time_in_loop > 0 else 0.0
+    model.load_state_dict(best_state)
+    return model, result

@@ -1,0 +1,61 @@
+"""Registration in MLflow (idempotent) and the promotion gate, as Prefect tasks."""
+
+from __future__ import annotations
+
+import numpy as np
+from prefect import task
+
+from distill import stages
+from distill.data import load_prepared, normalize
+
+from .lab import _logger, fetch_dir
+from .storage import open_store
+from .tracking import Tracker
+
+
+def input_example(data_dir) -> np.ndarray:
+    x, _ = load_prepared(data_dir, verify=False)["test"]
+    return normalize(x[:1]).numpy().astype(np.float32)
+
+
+@task(name="register-models", retries=1)
+def register_models(
+    results: dict[str, dict],
+    *,
+    store_url: str,
+    tracking_uri: str,
+    experiment: str,
+    data_key: str,
+    lineage: dict[str, str],
+    margin: float,
+) -> dict:
+    """Log teacher, baseline and student as registered models with lineage tags, then run the promotion gate.
+
+    Re-running it for the same runs creates no new versions (versions are keyed on the MLflow run)."""
+    log = _logger()
+    store = open_store(store_url)
+    tracker = Tracker(tracking_uri, experiment)
+    example = input_example(fetch_dir(store, data_key, "data"))
+    versions: dict[str, dict] = {}
+    for role in ("teacher", "baseline", "student"):
+        r = results[role]
+        model = stages.load_model(fetch_dir(store, r["model_prefix"], "models"))
+        tags = {
+            **lineage,
+            "role": role,
+            "val_acc": f"{r['val_acc']:.6f}",
+            "test_accuracy": f"{r['test']['test_accuracy']:.6f}",
+            "teacher_version": versions["teacher"]["version"] if role != "teacher" else "self",
+            "store_uri": store.uri(r["model_prefix"]),
+        }
+        if role == "student" and r.get("kd"):
+            tags.update({"kd.temperature": str(r["kd"]["temperature"]), "kd.alpha": str(r["kd"]["alpha"])})
+        v = tracker.log_model(r["mlflow_run_id"], model, example, f"{experiment}-{role}", tags)
+        versions[role] = v
+        log.info("%s: %s version %s%s", role, v["name"], v["version"], " (already registered)" if v.get("reused") else "")
+    decision = tracker.promote(
+        f"{experiment}-student", versions["student"]["version"],
+        candidate_val_acc=results["student"]["val_acc"], baseline_val_acc=results["baseline"]["val_acc"], margin=margin,
+    )
+    log.info("promotion gate: %s (%s)", "promoted" if decision["promoted"] else "not promoted", decision["reason"])
+    return {"versions": versions, "promotion": decision}

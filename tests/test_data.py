@@ -1,0 +1,547 @@
+"""Tests for distill.data: sources, cache, splits, errors, augmentation, batching."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+import time
+import urllib.error
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from distill import data as D
+from distill.data import (
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    Augment,
+    DataError,
+    iterate_batches,
+    load_prepared,
+    normalize,
+    prepare_dataset,
+    read_manifest,
+    resolve_source,
+)
+
+try:
+    from _imagefolder import class_channel, jpeg_bytes, make_imagefolder, write_sha256sums
+except ImportError:  # tests/ imported as a package
+    from tests._imagefolder import class_channel, jpeg_bytes, make_imagefolder, write_sha256sums
+
+CLASSES = ["cat", "dog", "frog"]
+
+
+def _prep(source, cache, **kw):
+    kw.setdefault("val_size", 6)
+    kw.setdefault("progress", False)
+    return prepare_dataset(str(source), cache, **kw)
+
+
+def _write_tar(path: Path, members: dict[str, bytes]) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, b in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(b)
+            tf.addfile(info, io.BytesIO(b))
+    return path
+
+
+def _tar_members(path: Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tf:
+        return {m.name: tf.extractfile(m).read() for m in tf if m.isfile()}
+
+
+# ------------------------------------------------------------------------------------------
+# sources, layout, manifest
+# ------------------------------------------------------------------------------------------
+
+
+def _check_prepared(prep, n_train=12, n_test=4, val_size=6):
+    m = prep.manifest
+    assert m["classes"] == CLASSES
+    assert m["image_shape"] == [3, 32, 32]
+    assert m["format_version"] == D.FORMAT_VERSION
+    assert m["val_size"] == val_size and m["split_seed"] == 0
+    per_val = val_size // 3
+    assert m["counts"]["val"] == {"total": val_size, "per_class": [per_val] * 3}
+    assert m["counts"]["train"] == {"total": 3 * n_train - val_size, "per_class": [n_train - per_val] * 3}
+    assert m["counts"]["test"] == {"total": 3 * n_test, "per_class": [n_test] * 3}
+    assert sorted(m["files"]) == sorted(D.ARRAY_FILES)
+    raw = (prep.dir / "manifest.json").read_bytes()
+    import hashlib
+
+    assert prep.manifest_sha256 == hashlib.sha256(raw).hexdigest()
+    assert json.loads(raw) == m == read_manifest(prep.dir)
+
+    arrays = load_prepared(prep.dir)
+    assert set(arrays) == {"train", "val", "test"}
+    for split, (x, y) in arrays.items():
+        assert x.dtype == torch.uint8 and y.dtype == torch.int64
+        assert x.shape == (m["counts"][split]["total"], 3, 32, 32)
+        assert y.shape == (x.shape[0],)
+        assert torch.bincount(y, minlength=3).tolist() == m["counts"][split]["per_class"]
+        # Pixels and labels stay together: the class's channel is the bright one.
+        means = x.float().mean(dim=(2, 3))  # [N, 3]
+        assert torch.equal(means.argmax(1), torch.tensor([class_channel(int(l)) for l in y]))
+    return arrays
+
+
+def test_prepare_from_folder(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=12, n_test=4)
+    prep = _prep(src, tmp_path / "cache")
+    assert prep.dir.parent == tmp_path / "cache"
+    assert len(prep.dir.name) == 16
+    assert prep.manifest["source"] == str(src)
+    _check_prepared(prep)
+    # Nothing but the final folder is left in the cache (the temp dir was renamed).
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [prep.dir.name]
+
+
+@pytest.mark.parametrize("layout", ["tarballs", "single", "single_top"])
+def test_prepare_from_tarballs_matches_folder(tmp_path, layout):
+    folder = make_imagefolder(tmp_path / "folder")
+    ref = load_prepared(_prep(folder, tmp_path / "cache").dir)
+    if layout == "tarballs":
+        src = make_imagefolder(tmp_path / "tars", as_tarballs=True)
+        assert (src / "train.tar.gz").is_file() and (src / "test.tar.gz").is_file()
+    else:
+        src = make_imagefolder(tmp_path / "one", single_tarball=True,
+                               top="cifar" if layout == "single_top" else None)
+        assert src.is_file()
+    prep = _prep(src, tmp_path / "cache")
+    arrays = _check_prepared(prep)
+    # Same images (same generator seed) -> identical arrays whatever the container.
+    for split in ("train", "val", "test"):
+        assert torch.equal(arrays[split][0], ref[split][0])
+        assert torch.equal(arrays[split][1], ref[split][1])
+
+
+def test_png_and_nested_files_and_ignored_entries(tmp_path):
+    src = make_imagefolder(tmp_path / "src", ext="png", n_train=4, n_test=2)
+    (src / "train" / "cat" / "notes.txt").write_text("not an image")
+    (src / "train" / "cat" / ".hidden.png").write_bytes(b"junk")
+    (src / "test" / ".ipynb_checkpoints").mkdir()
+    prep = _prep(src, tmp_path / "cache", val_size=3)
+    assert prep.manifest["counts"]["train"]["total"] == 9
+    assert prep.manifest["counts"]["test"]["total"] == 6
+
+
+def test_split_determinism(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=20, n_test=4)
+    a = load_prepared(_prep(src, tmp_path / "c1", val_size=9, split_seed=1).dir)
+    b = load_prepared(_prep(src, tmp_path / "c2", val_size=9, split_seed=1).dir)
+    c = load_prepared(_prep(src, tmp_path / "c3", val_size=9, split_seed=2).dir)
+    for split in ("train", "val", "test"):
+        assert torch.equal(a[split][0], b[split][0]) and torch.equal(a[split][1], b[split][1])
+    assert not torch.equal(a["val"][0], c["val"][0])
+    # Train and val are disjoint and together are the whole training split.
+    whole = {bytes(im.numpy()) for im in a["train"][0]} | {bytes(im.numpy()) for im in a["val"][0]}
+    assert len(whole) == 60
+    assert torch.equal(c["test"][0], a["test"][0])  # test never depends on the seed without subset
+
+
+def test_cache_hit_does_not_decode(tmp_path, monkeypatch):
+    src = make_imagefolder(tmp_path / "src", as_tarballs=True)
+    first = _prep(src, tmp_path / "cache")
+    # A second call, even with a different progress setting, must reuse the folder.
+    def boom(*a, **k):
+        raise RuntimeError("decoded")
+
+    monkeypatch.setattr(D, "_decode_image", boom)
+    second = prepare_dataset(str(src), tmp_path / "cache", val_size=6, progress=True)
+    assert second.dir == first.dir
+    assert second.manifest_sha256 == first.manifest_sha256
+    assert second.manifest == first.manifest
+    # Different split parameters -> a different cache folder (which has to decode).
+    with pytest.raises(RuntimeError, match="decoded"):
+        _prep(src, tmp_path / "cache", val_size=9)
+
+
+def test_cache_follows_content_not_path(tmp_path, monkeypatch):
+    src = make_imagefolder(tmp_path / "a", as_tarballs=True)
+    first = _prep(src, tmp_path / "cache")
+    moved = tmp_path / "b"
+    src.rename(moved)
+    monkeypatch.setattr(D, "_decode_image", None)  # calling it would raise TypeError
+    assert _prep(moved, tmp_path / "cache").dir == first.dir
+
+
+def test_broken_cache_is_rebuilt(tmp_path):
+    src = make_imagefolder(tmp_path / "src")
+    first = _prep(src, tmp_path / "cache")
+    path = first.dir / "train_x.npy"
+    b = bytearray(path.read_bytes())
+    b[-1] ^= 0xFF
+    path.write_bytes(bytes(b))
+    again = _prep(src, tmp_path / "cache")
+    assert again.dir == first.dir
+    assert again.manifest_sha256 == first.manifest_sha256
+    load_prepared(again.dir)  # verifies
+
+
+def test_subsets_are_stratified(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=12, n_test=6)
+    prep = _prep(src, tmp_path / "cache", val_size=6, train_subset=9, test_subset=6)
+    m = prep.manifest
+    assert m["train_subset"] == 9 and m["test_subset"] == 6
+    assert m["counts"]["train"]["per_class"] == [3, 3, 3]
+    assert m["counts"]["val"]["per_class"] == [2, 2, 2]
+    assert m["counts"]["test"]["per_class"] == [2, 2, 2]
+    arrays = load_prepared(prep.dir)
+    # The validation split does not depend on the subsets.
+    full = load_prepared(_prep(src, tmp_path / "cache").dir)
+    assert torch.equal(arrays["val"][0], full["val"][0])
+    # The train subset is drawn from the remaining train images.
+    full_train = {bytes(im.numpy()) for im in full["train"][0]}
+    assert all(bytes(im.numpy()) in full_train for im in arrays["train"][0])
+
+
+def test_unequal_classes_stratify_proportionally(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=10, n_test=2)
+    for i in range(10, 30):  # dog gets 30 training images
+        (src / "train" / "dog" / f"{i:04d}.jpg").write_bytes((src / "train" / "dog" / "0000.jpg").read_bytes())
+    prep = _prep(src, tmp_path / "cache", val_size=10)
+    assert prep.manifest["counts"]["val"]["per_class"] == [2, 6, 2]
+    assert prep.manifest["counts"]["train"]["per_class"] == [8, 24, 8]
+
+
+def test_expected_classes(tmp_path):
+    src = make_imagefolder(tmp_path / "src")
+    _prep(src, tmp_path / "cache", expected_classes=["frog", "cat", "dog"])
+    with pytest.raises(DataError, match="missing classes \\['bird'\\]"):
+        _prep(src, tmp_path / "cache", expected_classes=["cat", "dog", "frog", "bird"])
+    with pytest.raises(DataError, match="unexpected classes \\['frog'\\]"):
+        _prep(src, tmp_path / "cache2", expected_classes=["cat", "dog"])
+
+
+# ------------------------------------------------------------------------------------------
+# errors
+# ------------------------------------------------------------------------------------------
+
+
+def test_truncated_tarball(tmp_path):
+    src = make_imagefolder(tmp_path / "src", as_tarballs=True)
+    path = src / "train.tar.gz"
+    b = path.read_bytes()
+    path.write_bytes(b[: len(b) // 2])
+    with pytest.raises(DataError, match="train.tar.gz"):
+        _prep(src, tmp_path / "cache")
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == []  # no partial cache left
+
+
+def test_truncated_single_tarball(tmp_path):
+    src = make_imagefolder(tmp_path / "src", single_tarball=True)
+    b = src.read_bytes()
+    src.write_bytes(b[: len(b) // 2])
+    with pytest.raises(DataError, match="data.tar.gz"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_not_a_tarball(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "train.tar.gz").write_bytes(b"this is not gzip at all" * 10)
+    (src / "test.tar.gz").write_bytes(b"nor this")
+    with pytest.raises(DataError, match="train.tar.gz"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_corrupt_jpeg_member(tmp_path):
+    src = make_imagefolder(tmp_path / "src", as_tarballs=True)
+    members = _tar_members(src / "train.tar.gz")
+    members["train/dog/0003.jpg"] = members["train/dog/0003.jpg"][:40]  # truncated JPEG
+    _write_tar(src / "train.tar.gz", members)
+    with pytest.raises(DataError, match="train/dog/0003.jpg"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_corrupt_image_file_in_folder(tmp_path):
+    src = make_imagefolder(tmp_path / "src")
+    (src / "test" / "frog" / "0001.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    with pytest.raises(DataError, match="0001.jpg"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_mixed_image_sizes(tmp_path):
+    src = make_imagefolder(tmp_path / "src")
+    (src / "train" / "cat" / "0005.jpg").write_bytes(jpeg_bytes(np.zeros((28, 32, 3), np.uint8)))
+    with pytest.raises(DataError, match="0005.jpg"):
+        _prep(src, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("as_tarballs", [False, True])
+def test_missing_class_in_test(tmp_path, as_tarballs):
+    src = make_imagefolder(tmp_path / "src", as_tarballs=as_tarballs)
+    if as_tarballs:
+        members = {k: v for k, v in _tar_members(src / "test.tar.gz").items() if "/dog/" not in k}
+        _write_tar(src / "test.tar.gz", members)
+    else:
+        for p in (src / "test" / "dog").iterdir():
+            p.unlink()
+        (src / "test" / "dog").rmdir()
+    with pytest.raises(DataError, match="test/dog missing"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_empty_class_folder(tmp_path):
+    src = make_imagefolder(tmp_path / "src")
+    (src / "train" / "zebra").mkdir()
+    (src / "test" / "zebra").mkdir()
+    with pytest.raises(DataError, match="zebra"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_missing_source_and_bad_layout(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        _prep(tmp_path / "nope", tmp_path / "cache")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="empty"):
+        _prep(tmp_path / "empty", tmp_path / "cache")
+    (tmp_path / "half" / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match="test missing"):
+        _prep(tmp_path / "half", tmp_path / "cache")
+
+
+def test_cached_npy_checksum_mismatch(tmp_path):
+    src = make_imagefolder(tmp_path / "src")
+    prep = _prep(src, tmp_path / "cache")
+    path = prep.dir / "val_x.npy"
+    b = bytearray(path.read_bytes())
+    b[-3] ^= 0x01  # one pixel
+    path.write_bytes(bytes(b))
+    with pytest.raises(DataError, match="val_x.npy"):
+        load_prepared(prep.dir)
+    load_prepared(prep.dir, verify=False)  # opting out skips the hash
+    path = prep.dir / "val_y.npy"
+    b = bytearray(path.read_bytes())
+    b[-3] ^= 0x01  # a label out of range: caught even without the hash
+    path.write_bytes(bytes(b))
+    with pytest.raises(DataError, match="val_y.npy"):
+        load_prepared(prep.dir, verify=False)
+    (prep.dir / "train_y.npy").unlink()
+    with pytest.raises(DataError, match="train_y.npy missing"):
+        load_prepared(prep.dir)
+    with pytest.raises(DataError, match="manifest.json"):
+        load_prepared(tmp_path)
+
+
+def test_sha256sums_mismatch(tmp_path):
+    # SHA256SUMS in the parent of the source folder, paths relative to it (like /work/shared/data).
+    src = make_imagefolder(tmp_path / "shared" / "cifar", as_tarballs=True)
+    write_sha256sums(tmp_path / "shared", ["cifar/train.tar.gz", "cifar/test.tar.gz"])
+    _prep(src, tmp_path / "cache")  # matching sums pass
+    # Replace test.tar.gz with different (valid) content.
+    make_imagefolder(tmp_path / "other", as_tarballs=True, seed=1)
+    (src / "test.tar.gz").write_bytes((tmp_path / "other" / "test.tar.gz").read_bytes())
+    with pytest.raises(DataError, match="test.tar.gz"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_sha256sums_in_source_folder_single_tarball(tmp_path):
+    src = make_imagefolder(tmp_path / "src", single_tarball=True)
+    sums = tmp_path / "src" / "SHA256SUMS"
+    sums.write_text("0" * 64 + " *data.tar.gz\n")
+    with pytest.raises(DataError, match="data.tar.gz"):
+        _prep(src, tmp_path / "cache")
+
+
+def test_val_size_errors(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=4)
+    with pytest.raises(DataError, match="val_size=12"):
+        _prep(src, tmp_path / "cache", val_size=12)
+    with pytest.raises(DataError, match="val_size=2"):
+        _prep(src, tmp_path / "cache", val_size=2)
+    with pytest.raises(DataError, match="val_size"):
+        _prep(src, tmp_path / "cache", val_size=0)
+    with pytest.raises(DataError, match="train_subset=7"):
+        _prep(src, tmp_path / "cache", val_size=6, train_subset=7)
+    with pytest.raises(DataError, match="test_subset=13"):
+        _prep(src, tmp_path / "cache", val_size=6, test_subset=13)
+
+
+def test_cifar_python_folder_is_checked(tmp_path):
+    batches = tmp_path / "cifar-10-batches-py"
+    batches.mkdir()
+    for name in D._CIFAR_BATCH_FILES:
+        (batches / name).write_bytes(b"not the real pickle")
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        _prep(batches, tmp_path / "cache")
+    with pytest.raises(DataError, match="cifar-10-batches-py"):
+        _prep(tmp_path, tmp_path / "cache")
+
+
+def test_torchvision_download_failure_mentions_env(tmp_path, monkeypatch):
+    import torchvision.datasets
+
+    class Offline:
+        def __init__(self, *a, **k):
+            raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", Offline)
+    with pytest.raises(DataError, match="DISTILL_CIFAR10"):
+        prepare_dataset("torchvision", tmp_path / "cache", progress=False)
+
+
+def test_resolve_source(monkeypatch):
+    monkeypatch.delenv("DISTILL_CIFAR10", raising=False)
+    assert resolve_source(None) == "torchvision"
+    monkeypatch.setenv("DISTILL_CIFAR10", "/data/cifar")
+    assert resolve_source(None) == "/data/cifar"
+    assert resolve_source("/elsewhere") == "/elsewhere"
+    assert resolve_source(Path("/p")) == "/p"
+
+
+# ------------------------------------------------------------------------------------------
+# normalisation and augmentation
+# ------------------------------------------------------------------------------------------
+
+
+def _manual_norm(x_uint8):
+    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+    return (x_uint8.float() / 255.0 - mean) / std
+
+
+def test_normalize_matches_manual():
+    x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    out = normalize(x)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, _manual_norm(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normalize(x[0]), _manual_norm(x[:1])[0], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError):
+        normalize(x.float())
+
+
+def test_augment_shape_dtype_and_determinism():
+    x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    aug = Augment()
+    a = aug(x, torch.Generator().manual_seed(7))
+    b = aug(x, torch.Generator().manual_seed(7))
+    c = aug(x, torch.Generator().manual_seed(8))
+    assert a.dtype == torch.float32 and a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(x, x.clone())  # input untouched
+
+
+def test_augment_flip_only():
+    # Left half 0, right half 255: a flip swaps the halves; nothing else changes.
+    x = torch.zeros(200, 3, 32, 32, dtype=torch.uint8)
+    x[..., 16:] = 255
+    out = Augment(pad=0, flip=True)(x, torch.Generator().manual_seed(0))
+    plain = normalize(x)
+    flipped = normalize(x.flip(-1))
+    is_plain = (out == plain).flatten(1).all(1)
+    is_flipped = (out == flipped).flatten(1).all(1)
+    assert bool((is_plain ^ is_flipped).all())
+    assert 60 < int(is_flipped.sum()) < 140  # p = 0.5
+    # flip=False, pad=0 is plain normalisation.
+    assert torch.equal(Augment(pad=0, flip=False)(x), plain)
+
+
+def test_augment_crop_shifts_and_zero_padding():
+    n = 300
+    x = torch.full((n, 3, 32, 32), 200, dtype=torch.uint8)
+    out = Augment(pad=4, flip=False)(x, torch.Generator().manual_seed(0))
+    zero = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))  # normalised black
+    val = normalize(torch.full((1, 3, 1, 1), 200, dtype=torch.uint8))
+    is_zero = torch.isclose(out, zero.expand_as(out))
+    is_val = torch.isclose(out, val.expand_as(out))
+    assert bool((is_zero | is_val).all())  # every pixel is image or padding
+    shifted = is_zero.flatten(1).any(1)
+    assert 0.7 * n < int(shifted.sum()) < n  # (1 - 1/81) shifted in expectation
+    # Padding is one contiguous band of at most 4 rows/cols at one side per axis.
+    rows_pad = is_zero[:, 0].all(2).sum(1)  # fully padded rows per image
+    cols_pad = is_zero[:, 0].all(1).sum(1)
+    assert int(rows_pad.max()) == 4 and int(cols_pad.max()) == 4
+    assert int((rows_pad == 0).sum()) > 0
+    # The number of non-padding pixels matches (32 - |dy|) * (32 - |dx|).
+    valid = is_val[:, 0].sum((1, 2))
+    assert torch.equal(valid, (32 - rows_pad) * (32 - cols_pad))
+
+
+def test_augment_crop_is_a_translation():
+    # Each pixel value encodes its position: a crop is a translation of the padded image.
+    base = torch.arange(32 * 32).view(32, 32) % 251 + 1  # 1..251, never 0
+    x = base.to(torch.uint8).expand(50, 3, 32, 32).contiguous()
+    out = Augment(pad=4, flip=True, mean=(0, 0, 0), std=(1 / 255,) * 3)(x, torch.Generator().manual_seed(3))
+    out = out.round().to(torch.int64)[:, 0]
+    padded = torch.nn.functional.pad(base, (4, 4, 4, 4))
+    for img in out:
+        ok = False
+        for dy in range(9):
+            for dx in range(9):
+                crop = padded[dy:dy + 32, dx:dx + 32]
+                if torch.equal(img, crop) or torch.equal(img, crop.flip(-1)):
+                    ok = True
+                    break
+            if ok:
+                break
+        assert ok
+
+
+def test_augment_generator_device_mismatch_is_handled():
+    # A CPU generator with CPU data; a generator is only consumed on its own device.
+    x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    assert Augment()(x, g).device == x.device
+    assert Augment()(x).shape == x.shape  # global RNG
+
+
+# ------------------------------------------------------------------------------------------
+# batching
+# ------------------------------------------------------------------------------------------
+
+
+def test_iterate_batches():
+    x = torch.arange(10).view(10, 1)
+    y = torch.arange(10)
+    batches = list(iterate_batches(x, y, 4, shuffle=False, drop_last=False))
+    assert [b[1].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert len(list(iterate_batches(x, y, 4, shuffle=False, drop_last=True))) == 2
+    assert list(iterate_batches(x, y, 20, shuffle=False, drop_last=True)) == []
+
+    a = list(iterate_batches(x, y, 3, shuffle=True, drop_last=False, generator=torch.Generator().manual_seed(1)))
+    b = list(iterate_batches(x, y, 3, shuffle=True, drop_last=False, generator=torch.Generator().manual_seed(1)))
+    c = list(iterate_batches(x, y, 3, shuffle=True, drop_last=True, generator=torch.Generator().manual_seed(2)))
+    assert [t[1].tolist() for t in a] == [t[1].tolist() for t in b]
+    assert sorted(torch.cat([t[1] for t in a]).tolist()) == list(range(10))
+    assert torch.cat([t[1] for t in a]).tolist() != list(range(10))
+    assert all(torch.equal(xb[:, 0], yb) for xb, yb in a)  # x and y stay paired
+    assert [len(t[1]) for t in c] == [3, 3, 3]
+    with pytest.raises(ValueError):
+        list(iterate_batches(x, y[:5], 2, shuffle=False, drop_last=False))
+
+
+# ------------------------------------------------------------------------------------------
+# the real CIFAR-10 copy
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.data
+def test_real_cifar10(tmp_path):
+    source = os.environ.get("DISTILL_CIFAR10")
+    if not source:
+        pytest.skip("DISTILL_CIFAR10 is not set")
+    t0 = time.perf_counter()
+    prep = prepare_dataset(source, tmp_path / "cache", train_subset=1000, test_subset=1000, progress=False)
+    seconds = time.perf_counter() - t0
+    print(f"\nprepared {source} (decode of all 60,000 images + split + write) in {seconds:.1f}s")
+    m = prep.manifest
+    assert m["classes"] == list(D.CIFAR10_CLASSES)
+    assert m["image_shape"] == [3, 32, 32]
+    assert m["counts"]["val"] == {"total": 5000, "per_class": [500] * 10}
+    assert m["counts"]["train"] == {"total": 1000, "per_class": [100] * 10}
+    assert m["counts"]["test"] == {"total": 1000, "per_class": [100] * 10}
+    arrays = load_prepared(prep.dir)
+    mean = arrays["test"][0].double().mean(dim=(0, 2, 3)) / 255
+    assert torch.allclose(mean, torch.tensor([0.49, 0.48, 0.45], dtype=torch.float64), atol=0.02), mean
+    t1 = time.perf_counter()
+    again = prepare_dataset(source, tmp_path / "cache", train_subset=1000, test_subset=1000, progress=False)
+    assert again.dir == prep.dir
+    print(f"cache hit in {time.perf_counter() - t1:.2f}s")

@@ -1,0 +1,179 @@
+"""End to end with real servers on 127.0.0.1: moto (the MinIO stand-in), an MLflow server with S3 artifacts,
+a Prefect server, and process workers for a `cpu` and a `gpu` pool.
+
+`prefect deployment run distill-cifar/local` with the smoke profile (on tiny generated data) and the `gpu`
+pool named; then a second run that must reuse the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytest.importorskip("prefect")
+pytest.importorskip("mlflow")
+pytest.importorskip("moto")
+
+from _imagefolder import make_imagefolder  # noqa: E402
+from servers import VENV_BIN, mlflow_server, moto_server, prefect_server, prefect_worker  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parent.parent
+BUCKET = "distill"
+
+
+def _prefect(args, env, cwd=ROOT, timeout=600):
+    r = subprocess.run([str(VENV_BIN / "prefect"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                       timeout=timeout, stdin=subprocess.DEVNULL)
+    return r
+
+
+def _api(api: str, method: str, path: str, body=None):
+    import httpx
+
+    with httpx.Client(base_url=api, timeout=30, trust_env=False) as c:
+        r = c.request(method, path, json=body)
+        r.raise_for_status()
+        return r.json()
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    import boto3
+
+    base = tmp_path_factory.mktemp("e2e")
+    src = make_imagefolder(base / "data", n_train=40, n_test=10, as_tarballs=True)
+    with moto_server(base / "moto") as s3:
+        boto3.client("s3", endpoint_url=s3.endpoint, **{k.lower(): v for k, v in s3.env.items()
+                     if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}, region_name="us-east-1").create_bucket(Bucket=BUCKET)
+        with mlflow_server(base / "mlflow", f"s3://{BUCKET}/mlflow", s3.env) as ml, prefect_server(base / "prefect") as pf:
+            env = {**pf.env, **s3.env, "MLFLOW_TRACKING_URI": ml.url, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
+                   "MLFLOW_DISABLE_TELEMETRY": "true", "DISTILL_STORE_URL": f"s3://{BUCKET}/store",
+                   "DISTILL_PROJECT_DIR": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "2",
+                   "PREFECT_LOGGING_EXTRA_LOGGERS": "distill"}
+            for pool in ("cpu", "gpu"):
+                r = _prefect(["work-pool", "create", pool, "--type", "process"], env)
+                assert r.returncode == 0, r.stdout + r.stderr
+            # The gpu pool is a docker/kubernetes pool in production, whose image holds the code at /opt/distill.
+            # Here a process worker stands in for it, so its deployment pulls from this checkout instead.
+            spec = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+            for d in spec["deployments"]:
+                if d["work_pool"]["name"] == "gpu":
+                    d["pull"] = [{"prefect.deployments.steps.set_working_directory": {"directory": str(ROOT)}}]
+            pfile = base / "prefect.yaml"
+            pfile.write_text(yaml.safe_dump(spec, sort_keys=False))
+            r = _prefect(["--no-prompt", "deploy", "--all", "--prefect-file", str(pfile)], env)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            homes = {p: base / f"home-{p}" for p in ("cpu", "gpu")}
+            with prefect_worker("cpu", {**env, "DISTILL_HOME": str(homes["cpu"]), "DISTILL_WORKER_NAME": "worker-cpu"}, base, ROOT) as wc, \
+                 prefect_worker("gpu", {**env, "DISTILL_HOME": str(homes["gpu"]), "DISTILL_WORKER_NAME": "worker-gpu"}, base, ROOT) as wg:
+                yield {"env": env, "api": pf.api, "mlflow": ml.url, "s3": s3, "src": src, "base": base, "homes": homes,
+                       "workers": (wc, wg)}
+
+
+def _params(stack) -> dict:
+    n_train, n_test = 40, 10
+    return {"params": {
+        "profile": "smoke",
+        "train_pool": "gpu",
+        "overrides": {
+            "data": {"source": str(stack["src"]), "cache_dir": str(stack["base"] / "cache"), "val_size": 30,
+                     "train_subset": 3 * n_train - 30, "test_subset": 3 * n_test},
+            "teacher": {"name": "resnet_small", "kwargs": {"width": 8, "depth": 1}},
+            "student": {"name": "resnet_small", "kwargs": {"width": 4, "depth": 1}},
+            "teacher_train": {"epochs": 2, "batch_size": 30},
+            "student_train": {"epochs": 2, "batch_size": 30},
+            "sweep": {"temperatures": [2.0, 4.0]},
+            "eval": {"latency_runs": 2, "throughput_runs": 1, "warmup_runs": 1, "throughput_batch": 16},
+        },
+    }}
+
+
+def _deployment_run(stack) -> str:
+    r = _prefect(["deployment", "run", "distill-cifar/local", "--params", json.dumps(_params(stack)),
+                  "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
+    logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout) if p.exists())
+    assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
+    line = next(l for l in r.stdout.splitlines() if "UUID:" in l)
+    return line.split("UUID:")[1].strip()
+
+
+def _train_runs(stack, parent_id: str) -> list[dict]:
+    runs = _api(stack["api"], "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["distill-train"]}}, "limit": 200})
+    return [r for r in runs if r["parameters"]["job"]["out_prefix"].startswith(f"runs/{parent_id}/")]
+
+
+def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
+    import boto3
+    from mlflow import MlflowClient
+
+    old = dict(os.environ)
+    os.environ.update(stack["s3"].env)
+    try:
+        from tasks.storage import open_store
+
+        store = open_store(f"s3://{BUCKET}/store")
+
+        # ---- first run ----------------------------------------------------------------------------------
+        run1 = _deployment_run(stack)
+        parent = _api(stack["api"], "GET", f"/flow_runs/{run1}")
+        assert parent["state_type"] == "COMPLETED" and parent["work_pool_name"] == "cpu"
+        trains = _train_runs(stack, run1)
+        assert sorted(r["name"] for r in trains) == ["baseline", "student", "sweep-T2-a0.7", "teacher"]
+        for r in trains:  # every training flow ran through the gpu pool's deployment, and finished
+            assert r["work_pool_name"] == "gpu" and r["state_type"] == "COMPLETED", r
+        summary = store.get_json(f"runs/{run1}/summary.json")
+        assert summary["teacher_reused"] is False
+        for name in ("teacher", "baseline", "student"):
+            res = store.get_json(f"runs/{run1}/{name}/result.json")
+            assert res["executed_by"]["worker"] == "worker-gpu" and res["executed_by"]["pool"] == "gpu"
+            # the weights were produced in the gpu worker's work folder, not the orchestrator's
+            assert (stack["homes"]["gpu"] / "work" / "runs" / run1 / name / "model.safetensors").exists()
+            assert not (stack["homes"]["cpu"] / "work" / "runs" / run1 / name / "model.safetensors").exists()
+
+        # weights and checkpoints are in the bucket, and their checksums verify
+        keys = store.list(f"runs/{run1}")
+        for name in ("teacher", "baseline", "student", "sweep-T2-a0.7"):
+            assert f"runs/{run1}/{name}/model/model.safetensors" in keys
+            assert f"runs/{run1}/{name}/checkpoints/epoch-0002/state.safetensors" in keys
+        for key in keys + store.list(summary["data"]["data_key"]):
+            store.verify(key)
+        s3 = boto3.client("s3", endpoint_url=stack["s3"].endpoint, region_name="us-east-1")
+        mlflow_objects = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix="mlflow/").get("Contents", [])]
+        assert any(k.endswith("training_curves.png") for k in mlflow_objects)
+        assert any("model" in k for k in mlflow_objects)
+
+        # registered models, versions and aliases
+        client = MlflowClient(tracking_uri=stack["mlflow"])
+        versions = {}
+        for role in ("teacher", "baseline", "student"):
+            mvs = client.search_model_versions(f"name='distill-cifar-{role}'")
+            assert len(mvs) == 1
+            versions[role] = mvs[0]
+            assert mvs[0].tags["prefect_flow_run_id"] == run1
+            assert mvs[0].tags["data_manifest_sha256"] == summary["data"]["manifest_sha256"]
+        assert versions["student"].tags["teacher_version"] == str(versions["teacher"].version)
+        challenger = client.get_model_version_by_alias("distill-cifar-student", "challenger")
+        assert str(challenger.version) == str(versions["student"].version)
+        promo = summary["registration"]["promotion"]
+        if promo["promoted"]:
+            assert str(client.get_model_version_by_alias("distill-cifar-student", "champion").version) == str(challenger.version)
+        else:
+            assert "champion" not in client.get_registered_model("distill-cifar-student").aliases
+
+        # ---- second run: same data, teacher config and code -> the teacher is reused ----------------------
+        run2 = _deployment_run(stack)
+        summary2 = store.get_json(f"runs/{run2}/summary.json")
+        assert summary2["teacher_reused"] is True
+        assert sorted(r["name"] for r in _train_runs(stack, run2)) == ["baseline", "student", "sweep-T2-a0.7"]
+        assert "teacher reused" in store.get_bytes(f"runs/{run2}/report/report.md").decode()
+        assert len(client.search_model_versions("name='distill-cifar-teacher'")) == 1
+        assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
+    finally:
+        os.environ.clear()
+        os.environ.update(old)

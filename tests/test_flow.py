@@ -1,0 +1,236 @@
+"""The distill-cifar flow in-process (Prefect test harness, file store, SQLite MLflow) on tiny generated data,
+plus the store-backed kill-and-resume of a training stage in a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("prefect")
+pytest.importorskip("mlflow")
+
+from _imagefolder import make_imagefolder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def tiny_overrides(source: Path, cache: Path, n_train: int = 40, n_test: int = 10, **extra) -> dict:
+    # 3 classes; overrides cannot null a field (None means "keep the preset"), so give exact subset sizes
+    ov = {
+        "data": {"source": str(source), "cache_dir": str(cache), "val_size": 30, "train_subset": 3 * n_train - 30,
+                 "test_subset": 3 * n_test},
+        "teacher": {"name": "resnet_small", "kwargs": {"width": 8, "depth": 1}},
+        "student": {"name": "resnet_small", "kwargs": {"width": 4, "depth": 1}},
+        "teacher_train": {"epochs": 2, "batch_size": 30},
+        "student_train": {"epochs": 2, "batch_size": 30},
+        "sweep": {"temperatures": [1.0, 4.0]},
+        "eval": {"latency_runs": 2, "throughput_runs": 1, "warmup_runs": 1, "throughput_batch": 16},
+    }
+    ov.update(extra)
+    return ov
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, harness):
+    tmp = tmp_path_factory.mktemp("flow")
+    src = make_imagefolder(tmp / "src", n_train=40, n_test=10, as_tarballs=True)
+    old = dict(os.environ)
+    os.environ["DISTILL_WORK_DIR"] = str(tmp / "work")
+    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    yield {"tmp": tmp, "src": src, "store": (tmp / "store").as_uri(), "mlflow": f"sqlite:///{tmp / 'mlflow.db'}"}
+    os.environ.clear()
+    os.environ.update(old)
+
+
+def _run(env, **kw):
+    from flows.cifar import distill_cifar
+    from flows.params import PipelineParams
+
+    ov = tiny_overrides(env["src"], env["tmp"] / "cache")
+    params = PipelineParams(profile="smoke", overrides=ov, store_url=env["store"], tracking_uri=env["mlflow"], **kw)
+    return distill_cifar(params)
+
+
+def test_pipeline_in_process_then_teacher_reuse(env):
+    from mlflow import MlflowClient
+
+    from tasks.storage import open_store
+
+    first = _run(env)
+    assert first["teacher_reused"] is False
+    names = set(first["results"])
+    assert names == {"teacher", "baseline", "student", "sweep-T1-a0.7"}  # T=4 is the main student: not trained twice
+    for r in first["results"].values():
+        assert 0.0 <= r["test"]["test_accuracy"] <= 1.0
+    assert "agreement" in first["results"]["student"]["test"] and "agreement" in first["results"]["baseline"]["test"]
+
+    client = MlflowClient(tracking_uri=env["mlflow"])
+    for role in ("teacher", "baseline", "student"):
+        mv = client.search_model_versions(f"name='distill-cifar-{role}'")
+        assert len(mv) == 1, role
+        tags = mv[0].tags
+        for k in ("data_manifest_sha256", "prefect_flow_run_id", "git_commit", "teacher_version"):
+            assert tags.get(k), (role, k, tags)
+        assert tags["prefect_flow_run_id"] == first["flow_run_id"]
+    challenger = client.get_model_version_by_alias("distill-cifar-student", "challenger")
+    assert str(challenger.version) == "1"
+    promo = first["registration"]["promotion"]
+    assert str(promo["candidate_version"]) == "1"
+
+    # nested runs: one parent, a child per stage, with per-epoch metrics under the same keys
+    exp = client.get_experiment_by_name("distill-cifar")
+    runs = client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{first['flow_run_id']}'")
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == first["mlflow_parent_run_id"]]
+    assert {r.data.tags["distill.stage"] for r in children} == names
+    for r in children:
+        hist = client.get_metric_history(r.info.run_id, "val_acc")
+        assert [m.step for m in hist] == [1, 2]
+        assert "test_accuracy" in r.data.metrics
+    parent_art = {a.path for a in client.list_artifacts(first["mlflow_parent_run_id"], "report")}
+    assert {"report/report.md", "report/training_curves.png", "report/accuracy_vs_temperature.png"} <= parent_art
+
+    store = open_store(env["store"])
+    report = store.get_bytes(f"runs/{first['flow_run_id']}/report/report.md").decode()
+    assert "| teacher |" in report and "Promotion gate" in report and "KD gain" in report
+
+    # --- second run: same data, same teacher config, same code -> the teacher is reused --------------
+    second = _run(env)
+    assert second["teacher_reused"] is True
+    assert second["results"]["teacher"]["model_prefix"] == first["results"]["teacher"]["model_prefix"]
+    assert "teacher reused" in store.get_bytes(f"runs/{second['flow_run_id']}/report/report.md").decode()
+    assert not store.list(f"runs/{second['flow_run_id']}/teacher/")
+    # registration did not duplicate the reused teacher; baseline and student got new versions
+    assert len(client.search_model_versions("name='distill-cifar-teacher'")) == 1
+    assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
+
+
+def test_registration_is_idempotent(env):
+    from mlflow import MlflowClient
+
+    from tasks.registry import register_models
+
+    summary = _run(env, experiment="idem")
+    client = MlflowClient(tracking_uri=env["mlflow"])
+    before = {r: len(client.search_model_versions(f"name='idem-{r}'")) for r in ("teacher", "baseline", "student")}
+    full = {}
+    from tasks.storage import open_store
+
+    store = open_store(env["store"])
+    for role in ("teacher", "baseline", "student"):
+        prefix = summary["results"][role]["model_prefix"].rsplit("/", 1)[0]
+        full[role] = {**store.get_json(f"{prefix}/result.json"), "role": role}
+    again = register_models.fn(
+        full, store_url=env["store"], tracking_uri=env["mlflow"], experiment="idem", data_key=summary["data"]["data_key"],
+        lineage={"prefect_flow_run_id": summary["flow_run_id"]}, margin=0.0,
+    )
+    after = {r: len(client.search_model_versions(f"name='idem-{r}'")) for r in ("teacher", "baseline", "student")}
+    assert before == after == {"teacher": 1, "baseline": 1, "student": 1}
+    assert all(v["reused"] for v in again["versions"].values())
+
+
+def test_bad_parameters_fail_before_compute(env):
+    from pydantic import ValidationError
+
+    from flows.cifar import distill_cifar
+    from flows.params import PipelineParams
+
+    with pytest.raises(ValidationError, match=r"kd\.temperature"):
+        PipelineParams(overrides={"kd": {"temperature": 0}})
+    with pytest.raises(ValidationError, match=r"student_train\.epochs"):
+        PipelineParams(overrides={"student_train": {"epochs": 0}})
+    with pytest.raises(ValidationError, match="unknown model"):
+        PipelineParams(overrides={"student": {"name": "resnet9000"}})
+    # the JSON schema Prefect stores for the deployment carries the constraints (checked at submission)
+    schema = json.dumps(PipelineParams.model_json_schema())
+    assert '"exclusiveMinimum": 0' in schema
+    # a dict parameter is validated by Prefect before the flow body runs: nothing is written
+    work = Path(os.environ["DISTILL_WORK_DIR"])
+    before = set(work.rglob("*")) if work.exists() else set()
+    with pytest.raises(Exception, match="temperature"):
+        distill_cifar(params={"profile": "smoke", "overrides": {"kd": {"temperature": -1}}})
+    after = set(work.rglob("*")) if work.exists() else set()
+    assert before == after
+
+
+# --- kill a training stage mid-run; the re-run resumes from the store's checkpoint ----------------------
+
+_RUNNER = """
+import json, sys
+from tasks.lab import TrainJob, train_stage
+job = TrainJob.model_validate_json(open(sys.argv[1]).read())
+res = train_stage.fn(job)
+print("RESULT " + json.dumps(res))
+"""
+
+
+def _train_proc(job_path: Path, work: Path) -> subprocess.Popen:
+    env = {**os.environ, "DISTILL_WORK_DIR": str(work), "PYTHONPATH": f"{ROOT}{os.pathsep}{ROOT / 'src'}"}
+    return subprocess.Popen([sys.executable, "-c", _RUNNER, str(job_path)], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_killed_training_stage_resumes_from_store(tmp_path):
+    from distill.config import load_profile
+    from tasks.lab import TrainJob, prepare_data
+    from tasks.storage import open_store
+
+    src = make_imagefolder(tmp_path / "src", n_train=80, n_test=5, as_tarballs=True)
+    ov = tiny_overrides(src, tmp_path / "cache", n_train=80, n_test=5, teacher_train={"epochs": 6, "batch_size": 30})
+    lab = load_profile("smoke", ov).model_dump(mode="json")
+    store_url = (tmp_path / "store").as_uri()
+    store = open_store(store_url)
+    data = prepare_data.fn(lab, store_url)
+
+    def job(prefix):
+        p = tmp_path / f"{prefix}.json"
+        p.write_text(TrainJob(role="teacher", name="teacher", lab=lab, data_key=data["data_key"], out_prefix=prefix,
+                              store_url=store_url).model_dump_json())
+        return p
+
+    # uninterrupted reference
+    ref = _train_proc(job("ref"), tmp_path / "work-ref")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+
+    # killed after its first checkpoint reached the store
+    victim = _train_proc(job("run"), tmp_path / "work-a")
+    deadline = time.time() + 300
+    while not store.exists("run/checkpoints/LATEST"):
+        assert victim.poll() is None, victim.communicate()[0]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.communicate()
+    assert not store.exists("run/model/MANIFEST.json"), "the stage finished before it was killed"
+    done_epoch = int(store.get_bytes("run/checkpoints/LATEST").decode().strip().split("-")[1])
+    assert 1 <= done_epoch < 6
+
+    # re-run on another machine (another work folder): resumes from the store, not from epoch 0
+    again = _train_proc(job("run"), tmp_path / "work-b")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    res = json.loads(out.split("RESULT ", 1)[1])
+    assert res["resumed_from_epoch"] >= done_epoch and res["epochs_run"] == 6 - res["resumed_from_epoch"]
+
+    a = load_file(str(tmp_path / "work-ref" / "ref" / "model.safetensors"))
+    b = load_file(str(tmp_path / "work-b" / "run" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "resumed run differs from the uninterrupted one"
+    for key in store.list("run/"):
+        store.verify(key)
