@@ -116,3 +116,19 @@ def write_sha256sums(folder, paths) -> Path:
     out = folder / "SHA256SUMS"
     out.write_text("".join(lines))
     return out
+
+
+def tiny_overrides(source, cache, n_train: int = 40, n_test: int = 10, **extra) -> dict:
+    # 3 classes; overrides cannot null a field (None means "keep the preset"), so give exact subset sizes
+    ov = {
+        "data": {"source": str(source), "cache_dir": str(cache), "val_size": 30, "train_subset": 3 * n_train - 30,
+                 "test_subset": 3 * n_test},
+        "teacher": {"name": "resnet_small", "kwargs": {"width": 8, "depth": 1}},
+        "student": {"name": "resnet_small", "kwargs": {"width": 4, "depth": 1}},
+        "teacher_train": {"epochs": 2, "batch_size": 30},
+        "student_train": {"epochs": 2, "batch_size": 30},
+        "sweep": {"temperatures": [1.0, 4.0]},
+        "eval": {"latency_runs": 2, "throughput_runs": 1, "warmup_runs": 1, "throughput_batch": 16},
+    }
+    ov.update(extra)
+    return ov

@@ -19,7 +19,7 @@ pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
 pytest.importorskip("moto")
 
-from _imagefolder import make_imagefolder  # noqa: E402
+from _imagefolder import make_imagefolder, tiny_overrides  # noqa: E402
 from servers import VENV_BIN, mlflow_server, moto_server, prefect_server, prefect_worker  # noqa: E402
 
 pytestmark = pytest.mark.e2e
@@ -77,21 +77,9 @@ def stack(tmp_path_factory):
 
 
 def _params(stack) -> dict:
-    n_train, n_test = 40, 10
-    return {"params": {
-        "profile": "smoke",
-        "train_pool": "gpu",
-        "overrides": {
-            "data": {"source": str(stack["src"]), "cache_dir": str(stack["base"] / "cache"), "val_size": 30,
-                     "train_subset": 3 * n_train - 30, "test_subset": 3 * n_test},
-            "teacher": {"name": "resnet_small", "kwargs": {"width": 8, "depth": 1}},
-            "student": {"name": "resnet_small", "kwargs": {"width": 4, "depth": 1}},
-            "teacher_train": {"epochs": 2, "batch_size": 30},
-            "student_train": {"epochs": 2, "batch_size": 30},
-            "sweep": {"temperatures": [2.0, 4.0]},
-            "eval": {"latency_runs": 2, "throughput_runs": 1, "warmup_runs": 1, "throughput_batch": 16},
-        },
-    }}
+    ov = tiny_overrides(stack["src"], stack["base"] / "cache")
+    ov["sweep"] = {"temperatures": [2.0, 4.0]}
+    return {"params": {"profile": "smoke", "train_pool": "gpu", "overrides": ov}}
 
 
 def _deployment_run(stack) -> str:

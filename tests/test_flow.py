@@ -18,25 +18,9 @@ from safetensors.torch import load_file
 pytest.importorskip("prefect")
 pytest.importorskip("mlflow")
 
-from _imagefolder import make_imagefolder  # noqa: E402
+from _imagefolder import make_imagefolder, tiny_overrides  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def tiny_overrides(source: Path, cache: Path, n_train: int = 40, n_test: int = 10, **extra) -> dict:
-    # 3 classes; overrides cannot null a field (None means "keep the preset"), so give exact subset sizes
-    ov = {
-        "data": {"source": str(source), "cache_dir": str(cache), "val_size": 30, "train_subset": 3 * n_train - 30,
-                 "test_subset": 3 * n_test},
-        "teacher": {"name": "resnet_small", "kwargs": {"width": 8, "depth": 1}},
-        "student": {"name": "resnet_small", "kwargs": {"width": 4, "depth": 1}},
-        "teacher_train": {"epochs": 2, "batch_size": 30},
-        "student_train": {"epochs": 2, "batch_size": 30},
-        "sweep": {"temperatures": [1.0, 4.0]},
-        "eval": {"latency_runs": 2, "throughput_runs": 1, "warmup_runs": 1, "throughput_batch": 16},
-    }
-    ov.update(extra)
-    return ov
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 VENV_BIN = Path(sys.executable).parent
 IMAGE_WORKDIR = "/opt/distill"
 
-from servers import free_port, wait_http  # noqa: E402  (tests/servers.py)
+from servers import _stop, free_port, wait_http  # noqa: E402  (tests/servers.py)
 
 
 def _load_yaml(path: Path):
@@ -598,27 +598,6 @@ def distill_train(job: dict | None = None):
 '''
 
 
-def _stop_group(proc: subprocess.Popen, timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        pass
-
-
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory):
     from servers import prefect_server as _server
@@ -739,7 +718,7 @@ def test_e2e_deploy_all_and_run_on_process_worker(prefect_server, tmp_path):
                 return fr.state
         state = _run_async(wait_final())
     finally:
-        _stop_group(worker)
+        _stop(worker, timeout=15)
         worker_log.close()
     log = (tmp_path / "worker.log").read_text(errors="replace")
     assert state is not None and state.is_completed(), f"flow run ended {state}:\n{log[-4000:]}"

@@ -164,11 +164,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # CPU, tiny models, a stratified subset: the whole lab (8 trainings) runs in a few minutes on 2 cores.
     "smoke": dict(
         profile="smoke",
-        data=dict(val_size=500, train_subset=2000, test_subset=1000),
+        data=dict(val_size=500, train_subset=4000, test_subset=1000),
         teacher=dict(name="resnet_small", kwargs=dict(width=16, depth=1)),
         student=dict(name="resnet_small", kwargs=dict(width=8, depth=1)),
-        teacher_train=dict(epochs=3, batch_size=128, lr=0.05, schedule="cosine_step", device="cpu", compile="off"),
-        student_train=dict(epochs=3, batch_size=128, lr=0.05, schedule="cosine_step", device="cpu", compile="off"),
+        teacher_train=dict(epochs=4, batch_size=64, lr=0.05, schedule="cosine_step", device="cpu", compile="off"),
+        student_train=dict(epochs=4, batch_size=64, lr=0.05, schedule="cosine_step", device="cpu", compile="off"),
         kd=dict(temperature=4.0, alpha=0.7),
         sweep=dict(temperatures=[1.0, 2.0, 4.0, 8.0, 16.0], alphas=[0.7]),
         eval=dict(latency_runs=10, throughput_runs=2, warmup_runs=2),
