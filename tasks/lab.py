@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -186,7 +187,16 @@ def _progress_log_fn(tracker: Optional[Tracker], run_id: Optional[str], epochs: 
 
     def log_fn(metrics: dict, step: int) -> None:
         if sink is not None:
-            sink(metrics, step)
+            # a tracking hiccup (e.g. SQLite "database is locked" under concurrent stages) must not kill a training
+            for attempt in range(4):
+                try:
+                    sink(metrics, step)
+                    break
+                except Exception as e:  # noqa: BLE001
+                    if attempt == 3:
+                        log.warning("%s: could not log epoch %d metrics to MLflow: %s", name, step, e)
+                    else:
+                        time.sleep(0.5 * 2**attempt)
         if artifact_id is not None:
             try:
                 update_progress_artifact(artifact_id=artifact_id, progress=100.0 * step / epochs)

@@ -71,7 +71,7 @@ def plot_curves(results: dict[str, dict], path: Path) -> Path:
         style = "-" if r.get("role") != "student" or name == "student" else ":"
         ax1.plot(ep, [h["train_loss"] for h in hist], style, label=name)
         ax2.plot(ep, [100 * h["val_acc"] for h in hist], style, label=name)
-    ax1.set(title="training loss", xlabel="epoch", ylabel="loss")
+    ax1.set(title="training loss (students: the KD loss, not comparable to CE)", xlabel="epoch", ylabel="loss")
     ax2.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
     ax2.legend(fontsize=7)
     fig.tight_layout()

@@ -90,6 +90,15 @@ def test_pipeline_in_process_then_teacher_reuse(env):
     parent_art = {a.path for a in client.list_artifacts(first["mlflow_parent_run_id"], "report")}
     assert {"report/report.md", "report/training_curves.png", "report/accuracy_vs_temperature.png"} <= parent_art
 
+    # the report is also a Prefect artifact (markdown + table), and per-stage progress artifacts exist
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as pc:
+        arts = pc.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["distill-cifar-report"])))
+        assert arts and "KD gain" in arts[0].data
+        assert any(a.type == "progress" for a in pc.read_artifacts(limit=200))
+
     store = open_store(env["store"])
     report = store.get_bytes(f"runs/{first['flow_run_id']}/report/report.md").decode()
     assert "| teacher |" in report and "Promotion gate" in report and "KD gain" in report
