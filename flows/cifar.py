@@ -9,8 +9,6 @@ Run it with ``distill run cifar --profile smoke`` (in-process, embedded default)
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Optional
 
 from prefect import flow, get_run_logger, task
@@ -104,7 +102,7 @@ def distill_cifar(params: PipelineParams = PipelineParams()) -> dict:
         TrainJob(role="student", name="student", kd=cfg.kd.model_dump(), teacher_prefix=teacher_prefix,
                  out_prefix=f"runs/{run_id}/student", **common),
     ]
-    sweep_members = [kd for kd in (cfg.sweep.members() if cfg.sweep.enabled else [])]
+    sweep_members = cfg.sweep.members() if cfg.sweep.enabled else []
     for kd in sweep_members:
         if (kd.temperature, kd.alpha) == (cfg.kd.temperature, cfg.kd.alpha):
             continue  # identical to the main student: its result is reused for the sweep
@@ -178,7 +176,7 @@ def publish_report(results, sweep, registration, notes, store_url, run_id, track
     store.put_dir(out_dir, f"runs/{run_id}/report")
     try:
         create_markdown_artifact(rep["markdown"], key="distill-cifar-report", description="teacher vs baseline vs students")
-        create_table_artifact([{k: v for k, v in row.items()} for row in rep["rows"]], key="distill-cifar-table")
+        create_table_artifact(rep["rows"], key="distill-cifar-table")
     except Exception as e:  # artifacts are a convenience; the report is in the store and MLflow regardless
         get_run_logger().warning("could not create Prefect artifacts: %s", e)
     tracker = Tracker(tracking_uri, experiment)

@@ -10,9 +10,8 @@ import os
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Literal, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
@@ -106,7 +105,8 @@ def fetch_dir(store: Store, prefix: str, kind: str) -> Path:
     marker = local / ".complete"
     if marker.exists():
         return local
-    tmp = Path(tempfile.mkdtemp(dir=local.parent if local.parent.exists() else _mk(local.parent), prefix=".fetch-"))
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=local.parent, prefix=".fetch-"))
     try:
         store.get_dir(prefix, tmp)
         (tmp / ".complete").write_text(prefix + "\n")
@@ -118,11 +118,6 @@ def fetch_dir(store: Store, prefix: str, kind: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return local
-
-
-def _mk(p: Path) -> Path:
-    p.mkdir(parents=True, exist_ok=True)
-    return p
 
 
 def upload_model(store: Store, out_dir: Path, prefix: str) -> dict:
@@ -166,9 +161,7 @@ def _restore_checkpoint(store: Store, prefix: str, local_ckpts: Path) -> Optiona
     if not store.exists(key):
         return None
     name = store.get_bytes(key).decode().strip()
-    if (local_ckpts / name / "state.json").exists():
-        pass
-    else:
+    if not (local_ckpts / name / "state.json").exists():
         store.get_dir(f"{prefix}/checkpoints/{name}", local_ckpts / name)
         (local_ckpts / name / "MANIFEST.json").unlink(missing_ok=True)
     (local_ckpts / "LATEST").write_text(name + "\n")
@@ -187,16 +180,10 @@ def _progress_log_fn(tracker: Optional[Tracker], run_id: Optional[str], epochs: 
 
     def log_fn(metrics: dict, step: int) -> None:
         if sink is not None:
-            # a tracking hiccup (e.g. SQLite "database is locked" under concurrent stages) must not kill a training
-            for attempt in range(4):
-                try:
-                    sink(metrics, step)
-                    break
-                except Exception as e:  # noqa: BLE001
-                    if attempt == 3:
-                        log.warning("%s: could not log epoch %d metrics to MLflow: %s", name, step, e)
-                    else:
-                        time.sleep(0.5 * 2**attempt)
+            try:  # Tracker retries transient errors; one that persists must not kill a training
+                sink(metrics, step)
+            except Exception as e:  # noqa: BLE001
+                log.warning("%s: could not log epoch %d metrics to MLflow: %s", name, step, e)
         if artifact_id is not None:
             try:
                 update_progress_artifact(artifact_id=artifact_id, progress=100.0 * step / epochs)

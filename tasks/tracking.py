@@ -234,7 +234,19 @@ class Tracker:
                 continue
             entries.append(Metric(key=str(key), value=number, timestamp=ts, step=int(step or 0)))
         for i in range(0, len(entries), METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=entries[i : i + METRICS_PER_BATCH])
+            self._with_retries(self.client.log_batch, run_id, metrics=entries[i : i + METRICS_PER_BATCH])
+
+    @staticmethod
+    def _with_retries(fn: Callable[..., Any], *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
+        """Transient tracking errors (e.g. SQLite "database is locked" under concurrent stages) are retried
+        with exponential backoff; the last failure is raised."""
+        for attempt in range(attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception:  # noqa: BLE001
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.5 * 2**attempt)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Flatten nested dicts with dots, stringify, truncate; values already logged with

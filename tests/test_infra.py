@@ -16,19 +16,14 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
 import uuid
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -42,7 +37,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 VENV_BIN = Path(sys.executable).parent
 IMAGE_WORKDIR = "/opt/distill"
 
-from servers import _stop, free_port, wait_http  # noqa: E402  (tests/servers.py)
+from servers import _stop  # noqa: E402  (tests/servers.py)
 
 
 def _load_yaml(path: Path):

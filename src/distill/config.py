@@ -161,7 +161,7 @@ class LabConfig(_Strict):
 _SEED_TRAIN = dict(epochs=15, batch_size=128, lr=0.1, momentum=0.9, weight_decay=5e-4, schedule="cosine_epoch")
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU, tiny models, a stratified subset: the whole lab (8 trainings) runs in a few minutes on 2 cores.
+    # CPU, tiny models, a stratified subset: the whole pipeline (7 trainings) runs in a few minutes on 2 cores.
     "smoke": dict(
         profile="smoke",
         data=dict(val_size=500, train_subset=4000, test_subset=1000),
