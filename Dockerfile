@@ -29,7 +29,7 @@ RUN groupadd --gid 1000 distill \
 
 WORKDIR /opt/distill
 COPY --chown=distill:distill . /opt/distill
-RUN pip install ".[pipeline]"
+RUN pip install ".[pipeline,lm]"
 
 USER distill
 

@@ -8,13 +8,90 @@ flow then validates the merged LabConfig before any compute.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from distill.config import LabConfig, load_profile
+
+# The experiment name is also the prefix of the registered models (<experiment>-teacher|baseline|student)
+# and appears in MLflow search filters and store keys: a plain token, checked before anything runs.
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$"
+NAME_RULE = "1 to 100 letters, digits, '.', '_' or '-', starting with a letter or digit"
+# A Prefect work-pool name (also the <pool> of the deployment distill-train/<pool>).
+POOL_PATTERN = r'''^[^\s/\\'"`%&<>\x00-\x1f\x7f]{1,100}$'''
+POOL_RULE = "1 to 100 characters, without whitespace, quotes or any of / \\ % & < > `"
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):")  # two letters at least: C:\ stays a path
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+STORE_SCHEMES = ("file", "s3")
+TRACKING_SCHEMES = (
+    "http", "https", "file", "sqlite", "postgresql", "postgres", "mysql", "mssql", "databricks", "databricks-uc", "uc",
+)
+
+
+def _plain(value: str, what: str) -> None:
+    if not value or not value.strip():
+        raise ValueError(f"{what} is empty")
+    if value != value.strip() or _CONTROL.search(value):
+        raise ValueError(f"{what} has leading/trailing whitespace or control characters")
+
+
+def check_store_url(url: str) -> str:
+    """``file:///abs/dir``, ``s3://bucket[/prefix]`` or a plain path; what tasks.storage.open_store accepts.
+    Messages never echo the URL (it may carry credentials)."""
+    _plain(url, "store URL")
+    m = _SCHEME.match(url)
+    if m is None:
+        return url  # a plain path
+    scheme = m.group(1).lower()
+    if scheme not in STORE_SCHEMES or not url[m.end():].startswith("//"):
+        raise ValueError(f"unsupported store URL (scheme {scheme!r}): use file:///path, s3://bucket/prefix or a plain path")
+    parts = urlsplit(url)
+    if "@" in parts.netloc:
+        raise ValueError(f"credentials in a {scheme}:// store URL are not supported; use the AWS_* environment variables")
+    if scheme == "file":
+        if parts.netloc not in ("", "localhost") or not parts.path.strip("/"):
+            raise ValueError("file:// store URLs must name a local folder: file:///absolute/path")
+    elif not re.fullmatch(r"[A-Za-z0-9._-]{1,255}", parts.netloc):
+        raise ValueError("s3:// store URLs must name a bucket: s3://bucket/prefix")
+    return url
+
+
+def check_tracking_uri(uri: str) -> str:
+    """An MLflow tracking URI: http(s)://host, sqlite:///path, file:/path, a database URL
+    (postgresql://, mysql://, mssql://, optionally +driver), databricks[://profile], uc:, or a plain path."""
+    _plain(uri, "tracking URI")
+    m = _SCHEME.match(uri)
+    if m is None:
+        return uri  # a plain path (or 'databricks')
+    scheme = m.group(1).lower()
+    base = scheme.split("+", 1)[0]
+    if base not in TRACKING_SCHEMES:
+        raise ValueError(
+            f"unsupported tracking URI scheme {scheme!r}: use http(s)://host, sqlite:///path, file:/path, "
+            "postgresql://, mysql://, mssql://, databricks or a plain path"
+        )
+    rest = uri[m.end():]
+    if base in ("http", "https") and "@" in urlsplit(uri).netloc:
+        # a flow parameter is stored in Prefect's database and shown in its UI: credentials never go there
+        raise ValueError("credentials in an http(s) tracking URI would be stored with the flow run; set "
+                         "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) instead")
+    if base in ("http", "https", "postgresql", "postgres", "mysql", "mssql"):
+        if not rest.startswith("//") or not urlsplit(uri).hostname or re.search(r"\s", uri):
+            raise ValueError(f"a {scheme} tracking URI must look like {scheme}://host[:port][/path], without spaces")
+    elif base == "sqlite":
+        if not rest.startswith("///") or not rest[3:].strip():
+            raise ValueError("a sqlite tracking URI needs a database path: sqlite:///path/to/mlflow.db")
+    elif base == "file":
+        if not rest.strip("/"):
+            raise ValueError("a file: tracking URI needs a path: file:///path")
+    return uri
 
 _PARTIALS: dict[type, type] = {}
 
@@ -31,7 +108,8 @@ def partial_model(model: type[BaseModel]) -> type[BaseModel]:
         info = FieldInfo.merge_field_infos(f, default=None)
         info.default_factory = None
         fields[name] = (Optional[ann], info)
-    part = create_model(f"{model.__name__}Overrides", __config__=ConfigDict(extra="forbid"), **fields)
+    config = ConfigDict(extra="forbid", allow_inf_nan=model.model_config.get("allow_inf_nan", True))
+    part = create_model(f"{model.__name__}Overrides", __config__=config, **fields)
     _PARTIALS[model] = part
     return part
 
@@ -48,25 +126,69 @@ def _drop_none(d: Any) -> Any:
 class PipelineParams(BaseModel):
     """Parameters of the ``distill-cifar`` flow."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)  # URLs may carry secrets
 
     profile: Literal["smoke", "seed", "full"] = Field("smoke", description="preset recipe")
     overrides: LabOverrides = Field(default_factory=LabOverrides, description="fields to change in the preset")  # type: ignore[valid-type]
     train_pool: Optional[str] = Field(
-        None, description="work pool for training stages (via deployment distill-train/<pool>); none = in-process"
+        None, description="work pool for training stages (via deployment distill-train/<pool>); none = in-process",
+        json_schema_extra={"pattern": POOL_PATTERN},
     )
     store_url: Optional[str] = Field(None, description="file:///path or s3://bucket/prefix; default $DISTILL_STORE_URL or .distill/store")
     tracking_uri: Optional[str] = Field(None, description="MLflow tracking URI; default $MLFLOW_TRACKING_URI or .distill/mlflow.db")
-    experiment: str = Field("distill-cifar", min_length=1, description="MLflow experiment and registered-model prefix")
+    experiment: str = Field(
+        "distill-cifar", min_length=1, max_length=100, json_schema_extra={"pattern": NAME_PATTERN},
+        description=f"MLflow experiment and registered-model prefix: {NAME_RULE}",
+    )
     max_parallel: int = Field(2, ge=1, le=64, description="training stages run at once (baseline, students, sweep)")
     register_models: bool = Field(True, description="log and register teacher, baseline and student in MLflow")
+    fresh: bool = Field(
+        False, description="train every stage again, ignoring completed or checkpointed work with the same key"
+    )
 
     def lab(self) -> LabConfig:
         return load_profile(self.profile, _drop_none(self.overrides.model_dump()))
 
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, v: str) -> str:
+        if not re.fullmatch(NAME_PATTERN, v):
+            raise ValueError(f"experiment name {v!r} is not allowed: use {NAME_RULE}")
+        return v
+
+    @field_validator("train_pool")
+    @classmethod
+    def _pool(cls, v: Optional[str]) -> Optional[str]:
+        if v is not None and not re.fullmatch(POOL_PATTERN, v):
+            raise ValueError(f"work pool name {v!r} is not allowed: use {POOL_RULE}")
+        return v
+
+    @field_validator("store_url")
+    @classmethod
+    def _store(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_store_url(v)
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _tracking(cls, v: Optional[str]) -> Optional[str]:
+        return None if v is None else check_tracking_uri(v)
+
     @model_validator(mode="after")
     def _validate_lab(self):
-        self.lab()  # raises naming the field, before any compute
+        try:
+            self.lab()  # raises naming the field, before any compute
+        except ValidationError as e:  # name the fields as this model does: overrides.<section>.<field>
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError(err["type"], "{message}", {"message": err["msg"]}),
+                        loc=("overrides", *err["loc"]),
+                        input=err.get("input"),
+                    )
+                    for err in e.errors()
+                ],
+            ) from None
         return self
 
 

@@ -1,35 +1,53 @@
 """``distill-train``: one training stage (train, then evaluate on the test split).
 
 The ``distill-cifar`` flow calls it in-process, or dispatches it to a GPU work pool through the deployment
-``distill-train/<pool>``. Its result also lands in the store (``<out_prefix>/result.json``) so the caller can
-read it from any machine.
+``distill-train/<pool>``. The stage's store prefix is content-addressed (``stages/<key>``, see tasks/lab.py):
+one process at a time works on it (a lease lock in the store); a completed stage whose model verifies is
+returned as it is; otherwise training resumes from the newest verified checkpoint in the store. The result
+also lands in the store (``<out_prefix>/result.json``) so the caller can read it from any machine.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from contextlib import nullcontext
 
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.lab import TrainJob, evaluate_stage, train_stage
+from tasks.lab import STAGE_LOCK_TTL, TrainJob, evaluate_stage, stage_result, start_stage_run, train_stage
 from tasks.storage import open_store
+from tasks.tracking import Tracker
+
+STAGE_LOCK_TIMEOUT = float(os.environ.get("DISTILL_STAGE_LOCK_TIMEOUT", 6 * 3600))
 
 
 @flow(name="distill-train", log_prints=True, flow_run_name="{job.name}")
 def distill_train(job: TrainJob) -> dict:
-    trained = train_stage(job)
-    metrics = evaluate_stage(job, trained)
-    result = {
-        **trained,
-        "test": metrics,
-        "out_prefix": job.out_prefix,
-        "data_key": job.data_key,
-        "executed_by": {"host": socket.gethostname(), "flow_run_id": str(flow_run.id or ""), "pool": _pool(),
-                        "worker": os.environ.get("DISTILL_WORKER_NAME")},
-    }
-    open_store(job.store_url).put_json(result, f"{job.out_prefix}/result.json")
+    store = open_store(job.store_url)
+    with store.lock(f"locks/{job.out_prefix}", ttl=STAGE_LOCK_TTL, timeout=STAGE_LOCK_TIMEOUT):
+        done = stage_result(store, job.out_prefix)
+        if done is not None:
+            print(f"{job.name}: completed earlier ({store.uri(job.out_prefix)}); reused")
+            return {**done, "reused": True}
+        fr_id = str(flow_run.id) if flow_run.id else None
+        tracker = Tracker(job.tracking_uri, job.experiment) if job.tracking_uri else None
+        run_id = start_stage_run(job, tracker, fr_id) if tracker else None
+        with (tracker.run_scope(run_id) if tracker else nullcontext()):
+            trained = train_stage(job, run_id)
+            metrics = evaluate_stage(job, trained)
+            result = {
+                **trained,
+                "test": metrics,
+                "out_prefix": job.out_prefix,
+                "data_key": job.data_key,
+                "reused": False,
+                "executed_by": {"host": socket.gethostname(), "flow_run_id": fr_id or "", "pool": _pool(),
+                                "worker": os.environ.get("DISTILL_WORKER_NAME")},
+            }
+            store.put_json(result, f"{job.out_prefix}/result.json")  # last: the stage is complete
+        print(f"{job.name}: trained and evaluated; test accuracy {metrics.get('test_accuracy', float('nan')):.4f}")
     return result
 
 

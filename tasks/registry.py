@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Any, Callable
+
 import numpy as np
 from prefect import task
 
@@ -9,13 +12,19 @@ from distill import stages
 from distill.data import load_prepared, normalize
 
 from .lab import _logger, fetch_dir
-from .storage import open_store
+from .storage import Store, open_store
 from .tracking import Tracker
 
 
 def input_example(data_dir) -> np.ndarray:
     x, _ = load_prepared(data_dir, verify=False)["test"]
     return normalize(x[:1]).numpy().astype(np.float32)
+
+
+def promotion_lock(store: Store, registered_name: str) -> Callable[[], Any]:
+    """The cross-process promotion lock of one registered model: a factory for ``store.lock`` on
+    ``locks/promote/<name>`` (a lease in the object store every pipeline process shares)."""
+    return functools.partial(store.lock, f"locks/promote/{registered_name}")
 
 
 @task(name="register-models", retries=1)
@@ -29,7 +38,9 @@ def register_models(
     lineage: dict[str, str],
     margin: float,
 ) -> dict:
-    """Log teacher, baseline and student as registered models with lineage tags, then run the promotion gate.
+    """Log teacher, baseline and student as registered models with lineage tags, then run the promotion gate
+    under the store's promotion lock of the student model (:func:`promotion_lock`), so concurrent pipelines
+    promote one at a time and the strongest concurrent candidate wins.
 
     Re-running it for the same runs creates no new versions (versions are keyed on the MLflow run)."""
     log = _logger()
@@ -53,9 +64,11 @@ def register_models(
         v = tracker.log_model(r["mlflow_run_id"], model, example, f"{experiment}-{role}", tags)
         versions[role] = v
         log.info("%s: %s version %s%s", role, v["name"], v["version"], " (already registered)" if v.get("reused") else "")
+    student = f"{experiment}-student"
     decision = tracker.promote(
-        f"{experiment}-student", versions["student"]["version"],
+        student, versions["student"]["version"],
         candidate_val_acc=results["student"]["val_acc"], baseline_val_acc=results["baseline"]["val_acc"], margin=margin,
+        lock=promotion_lock(store, student),
     )
     log.info("promotion gate: %s (%s)", "promoted" if decision["promoted"] else "not promoted", decision["reason"])
     return {"versions": versions, "promotion": decision}

@@ -6,20 +6,32 @@ a plain ``callable(metrics, step)``.  Everything here goes through an explicit
 exception is :meth:`Tracker.log_model`: MLflow's model logging resolves the *global*
 tracking URI internally (also inside the registry store), so that call runs under a
 lock with the global URI temporarily set to this tracker's URI (and restored after).
+
+Run lifecycle: every run started here carries owner tags (host, pid, the pid's start time, boot id, optionally
+the Prefect flow run) so that :meth:`Tracker.end_dead_runs` can tell a run whose process was killed from a live
+one; :meth:`Tracker.run_scope` ends a run with the status matching how its block ended.
+
+Credentials: an ``http(s)://user:password@host`` tracking URI is split; MLflow gets the clean URI and the
+credentials through ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD``.  Everything shown (repr,
+:attr:`Tracker.display_uri`, error messages) goes through :mod:`tasks.secrets`.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
 import os
 import re
+import socket
+import sys
 import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Union
+from urllib.parse import unquote, urlsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines; explicit user settings win
 
@@ -27,6 +39,8 @@ import mlflow
 from mlflow.entities import Metric, Param, RunStatus, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+
+from .secrets import redact_text, redact_url, strip_userinfo
 
 if TYPE_CHECKING:  # torch / numpy are imported only where a model is logged
     import numpy
@@ -46,7 +60,32 @@ MAX_TAG_VALUE = 8000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
 
+# owner of a run (set when it is started or claimed), read by Tracker.end_dead_runs
+OWNER_HOST_TAG = "distill.owner.host"
+OWNER_PID_TAG = "distill.owner.pid"
+OWNER_PID_START_TAG = "distill.owner.pid_start"  # opaque start time of the pid: a recycled pid differs
+OWNER_BOOT_TAG = "distill.owner.boot_id"
+OWNER_FLOW_RUN_TAG = "distill.owner.flow_run_id"
+KILLED_BY_TAG = "distill.killed_by"
+KILLED_REASON_TAG = "distill.killed_reason"
+ERROR_TAG = "distill.error"
+# promotion: a candidate announces itself on its version before it waits for the lock (JSON value)
+PROMOTION_PENDING_TAG = "promotion.pending"
+PROMOTION_DECISION_TAG = "promotion.decision"
+PROMOTION_REASON_TAG = "promotion.reason"
+PENDING_TTL_S = 900.0  # longer than a candidate waits for the promotion lock (Store.lock timeout: 600 s)
+
+# MLflow error codes that no retry can fix
+_PERMANENT_ERRORS = frozenset({
+    "RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED",
+    "UNAUTHENTICATED", "INVALID_STATE", "NOT_FOUND",
+})
+
 _GLOBAL_URI_LOCK = threading.RLock()
+_LOCAL_LOCKS: dict[tuple[str, str], threading.Lock] = {}
+_LOCAL_LOCKS_GUARD = threading.Lock()
+
+PromotionLock = Union[ContextManager[Any], Callable[[], ContextManager[Any]]]
 
 
 class TrackingError(RuntimeError):
@@ -128,32 +167,170 @@ def _quote(value: str) -> str:
     return f"'{value}'"
 
 
+# -- process identity (owner of a run) ------------------------------------------------------
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def probe_process(pid: int) -> tuple[str, str | None]:
+    """(``"alive"`` | ``"gone"`` | ``"unknown"``, start-time token or None) for ``pid`` on this host.
+
+    The token is opaque (``/proc/<pid>/stat`` start time in clock ticks since boot, else psutil's
+    ``create_time``): equal tokens for the same pid mean the same process.  A zombie counts as gone."""
+    try:
+        text = Path(f"/proc/{int(pid)}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        if Path("/proc/self/stat").exists():
+            return "gone", None
+    except OSError:
+        pass
+    else:
+        fields = text[text.rindex(")") + 2 :].split()  # comm may contain spaces and parentheses
+        return ("gone", None) if fields[0] in ("Z", "X", "x") else ("alive", fields[19])
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            proc = psutil.Process(int(pid))
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return "gone", None
+            return "alive", f"{proc.create_time():.3f}"
+        except psutil.NoSuchProcess:
+            return "gone", None
+        except psutil.Error:
+            return "unknown", None
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return "gone", None
+    except (PermissionError, OSError):
+        return "alive", None
+    return "alive", None
+
+
+def _prefect_flow_run_id() -> str | None:
+    """The current Prefect flow run, if this process runs one (Prefect is not imported for this)."""
+    if "prefect" not in sys.modules:
+        return None
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def owner_tags(flow_run_id: str | None = None) -> dict[str, str]:
+    """The owner tags of this process: host, pid, pid start token, boot id and (given, or the current
+    Prefect flow run) the flow run id."""
+    pid = os.getpid()
+    tags = {OWNER_HOST_TAG: socket.gethostname(), OWNER_PID_TAG: str(pid),
+            OWNER_PID_START_TAG: probe_process(pid)[1], OWNER_BOOT_TAG: _boot_id(),
+            OWNER_FLOW_RUN_TAG: flow_run_id or _prefect_flow_run_id()}
+    return {k: v for k, v in tags.items() if v}
+
+
+def owner_liveness(tags: Mapping[str, str]) -> tuple[bool | None, str]:
+    """Judge the owner recorded in ``tags`` from this host: (True alive | False dead | None unknown, why).
+
+    Same host (and boot): the pid exists with the recorded start token -> alive; the pid is gone, a zombie,
+    or now another process (different start token) -> dead.  Same host name, other boot id -> the host was
+    rebooted since: dead.  Another host or no owner tags -> unknown."""
+    host, pid = tags.get(OWNER_HOST_TAG), tags.get(OWNER_PID_TAG)
+    if not host or not pid or not pid.isdigit():
+        return None, "no owner tags"
+    if host != socket.gethostname():
+        return None, f"owner runs on another host ({host})"
+    boot, my_boot = tags.get(OWNER_BOOT_TAG), _boot_id()
+    if boot and my_boot and boot != my_boot:
+        return False, f"owner pid {pid} on {host} belonged to an earlier boot of this host"
+    state, start = probe_process(int(pid))
+    if state == "gone":
+        return False, f"owner process {pid} on {host} no longer exists"
+    recorded = tags.get(OWNER_PID_START_TAG)
+    if state == "alive" and recorded and start and recorded != start:
+        return False, f"owner process {pid} on {host} is gone (the pid now belongs to another process)"
+    if state == "alive":
+        return True, f"owner process {pid} on {host} is running"
+    return None, f"cannot tell whether process {pid} on {host} is running"
+
+
+def _client_uri(uri: str) -> tuple[str, list[str]]:
+    """(URI handed to MLflow, secrets to redact).  ``http(s)://user:pw@host`` -> ``http(s)://host`` with the
+    credentials put into ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` (only where those are not set).
+    Database URIs keep their credentials (SQLAlchemy needs them there); they are only redacted on display."""
+    try:
+        parts = urlsplit(uri)
+        username, password = parts.username, parts.password
+    except ValueError:
+        return uri, []
+    secrets = [s for s in (password, unquote(password or "")) if s]
+    if parts.scheme.lower() not in ("http", "https") or "@" not in parts.netloc:
+        return uri, secrets
+    clean, _, _ = strip_userinfo(uri)
+    given = {"MLFLOW_TRACKING_USERNAME": unquote(username) if username else None,
+             "MLFLOW_TRACKING_PASSWORD": unquote(password) if password is not None else None}
+    for var, value in given.items():
+        if value is None:
+            continue
+        if var not in os.environ:
+            os.environ[var] = value
+        elif os.environ[var] != value:
+            log.warning("%s is already set: the credentials in the tracking URI are not used", var)
+    return clean, secrets
+
+
 class Tracker:
     """One MLflow experiment on one tracking URI, driven through ``MlflowClient``."""
 
-    def __init__(self, tracking_uri: str | None, experiment: str, artifact_location: str | None = None):
+    retry_delay = 0.5  # first backoff of _with_retries (seconds), doubled per attempt
+
+    def __init__(self, tracking_uri: str | None, experiment: str, artifact_location: str | None = None,
+                 *, owner_flow_run_id: str | None = None):
+        """``owner_flow_run_id``: recorded as the owner's flow run on every run this tracker starts or claims
+        (default: the current Prefect flow run, if any).  ``tracking_uri`` is the URI handed to MLflow
+        (userinfo of an http(s) URI removed); show :attr:`display_uri` instead."""
         uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             raise TrackingError("no MLflow tracking URI: pass tracking_uri or set MLFLOW_TRACKING_URI")
+        uri, self._secrets = _client_uri(uri)
         self.tracking_uri = uri
-        self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        self.display_uri: str = redact_url(uri)
+        self.owner_flow_run_id = owner_flow_run_id
         self.experiment_name = experiment
-        self.experiment_id = self._get_or_create_experiment(
-            experiment, artifact_location or _default_artifact_location(uri, experiment)
-        )
+        try:
+            self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+            self.experiment_id = self._get_or_create_experiment(
+                experiment, artifact_location or _default_artifact_location(uri, experiment)
+            )
+        except Exception as e:  # noqa: BLE001 - the cause may quote the URI: re-raised redacted, unchained
+            raise TrackingError(
+                f"cannot open MLflow experiment {experiment!r} on {self.display_uri}: {self._redact(e)}"
+            ) from None
 
     def __repr__(self) -> str:
-        return f"Tracker({self.tracking_uri!r}, experiment={self.experiment_name!r})"
+        return f"Tracker({self.display_uri!r}, experiment={self.experiment_name!r})"
+
+    def _redact(self, error: BaseException | str) -> str:
+        text = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
+        return redact_text(text, self._secrets)
 
     def _get_or_create_experiment(self, name: str, artifact_location: str | None) -> str:
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
                 return self.client.create_experiment(name, artifact_location=artifact_location)
-            except MlflowException as e:  # created concurrently
+            except MlflowException:  # created concurrently?
                 exp = self.client.get_experiment_by_name(name)
                 if exp is None:
-                    raise TrackingError(f"cannot create MLflow experiment {name!r}: {e}") from e
+                    raise
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
         return exp.experiment_id
@@ -177,13 +354,11 @@ class Tracker:
                 raise TrackingError(f"reuse_tag {reuse_tag!r} is not among the run's tags")
             existing = self.find_run(reuse_tag, tags[reuse_tag])
             if existing is not None:
-                run = self.client.get_run(existing)
-                if run.info.status != "RUNNING":
-                    self.client.update_run(existing, status="RUNNING")
-                self.set_tags(existing, tags)
+                self.claim_run(existing, tags)
                 self.log_params(existing, params or {})
                 return existing
-        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)
+        tags.update(owner_tags(self.owner_flow_run_id))
+        run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)  # not retried: no duplicates
         run_id = run.info.run_id
         if params:
             self.log_params(run_id, params)
@@ -191,8 +366,8 @@ class Tracker:
 
     def start_parent(self, run_name: str, params: Mapping[str, Any] | None = None,
                      tags: Mapping[str, Any] | None = None, reuse_tag: str | None = None) -> str:
-        """Create a top-level run; with ``reuse_tag`` an existing run carrying the same
-        value for that tag (e.g. a retried Prefect flow run) is reopened instead."""
+        """Create a top-level run owned by this process (owner tags); with ``reuse_tag`` an existing run
+        carrying the same value for that tag (e.g. a retried Prefect flow run) is reopened and claimed instead."""
         return self._start(run_name, params, tags, reuse_tag)
 
     def start_child(self, parent_run_id: str, run_name: str, params: Mapping[str, Any] | None = None,
@@ -211,8 +386,96 @@ class Tracker:
         return [r.info.run_id for r in runs]
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Terminate ``run_id`` with ``status`` (FINISHED, FAILED or KILLED); transient errors are retried."""
         RunStatus.from_string(status)  # validates
-        self.client.set_terminated(run_id, status=status)
+        self._with_retries(self.client.set_terminated, run_id, status=status)
+
+    def claim_run(self, run_id: str, tags: Mapping[str, Any] | None = None) -> None:
+        """Make this process the owner of ``run_id`` (owner tags, plus ``tags``) and set it RUNNING again if
+        it was terminated (e.g. a retried stage reopening its run, possibly marked KILLED meanwhile)."""
+        self.set_tags(run_id, {**_str_tags(tags), **owner_tags(self.owner_flow_run_id)})
+        if self._with_retries(self.client.get_run, run_id).info.status != "RUNNING":
+            self._with_retries(self.client.update_run, run_id, status="RUNNING")
+
+    @contextmanager
+    def run_scope(self, run_id: str, *, claim: bool = True) -> Iterator[str]:
+        """``with tracker.run_scope(run_id):`` ends the run FINISHED when the block completes, FAILED when it
+        raises an ``Exception`` (tag ``distill.error``: its redacted type and message) and KILLED on any
+        other ``BaseException`` (KeyboardInterrupt, SystemExit, asyncio.CancelledError, Prefect's
+        TerminationSignal, GeneratorExit); the exception is re-raised.  Ending retries transient tracking
+        errors; a failure to end the run after an exception is logged and never hides that exception.
+        With ``claim`` (default) the run is first claimed (:meth:`claim_run`).  Yields ``run_id``."""
+        if claim:
+            self.claim_run(run_id)
+        try:
+            yield run_id
+        except Exception as e:
+            self._end_quietly(run_id, "FAILED", {ERROR_TAG: _truncate(self._redact(e), 1000)})
+            raise
+        except BaseException as e:
+            self._end_quietly(run_id, "KILLED", {ERROR_TAG: _truncate(self._redact(e), 1000)})
+            raise
+        try:
+            self.end_run(run_id, "FINISHED")
+        except Exception as e:  # noqa: BLE001
+            raise TrackingError(f"cannot end MLflow run {run_id} FINISHED: {self._redact(e)}") from None
+
+    def _end_quietly(self, run_id: str, status: str, tags: Mapping[str, str]) -> None:
+        for action in (lambda: self.set_tags(run_id, tags), lambda: self.end_run(run_id, status)):
+            try:
+                action()
+            except Exception as err:  # noqa: BLE001 - never mask the exception that ended the block
+                log.warning("could not end MLflow run %s as %s: %s", run_id, status, self._redact(err))
+
+    def end_dead_runs(self, tag_key: str, tag_value: str,
+                      is_alive: Callable[[Any], bool | None] | None = None) -> list[str]:
+        """Set KILLED every RUNNING run of this experiment tagged ``tag_key=tag_value`` whose owner is dead;
+        returns their ids.  Liveness: :func:`owner_liveness` (same host: the recorded pid still running with
+        the recorded start time -> alive, gone or recycled -> dead); where that cannot tell (another host, no
+        owner tags) ``is_alive(run)`` (an ``mlflow.entities.Run``) decides: False -> dead, True/None (or an
+        error) -> left alone.  A killed run gets ``distill.killed_by`` (this host:pid) and
+        ``distill.killed_reason`` tags.  Runs re-claimed meanwhile by a live process are left alone."""
+        killed: list[str] = []
+        for run in self._search_all_runs(
+                f"tags.`{tag_key}` = {_quote(str(tag_value))} and attributes.status = 'RUNNING'"):
+            alive, reason = owner_liveness(run.data.tags)
+            if alive is None and is_alive is not None:
+                try:
+                    verdict = is_alive(run)
+                except Exception as e:  # noqa: BLE001
+                    log.warning("is_alive failed for run %s (left alone): %s", run.info.run_id, self._redact(e))
+                    verdict = None
+                if verdict is not None:
+                    alive = bool(verdict)
+                    reason = f"{reason}; is_alive callback: owner {'alive' if alive else 'not alive'}"
+            if alive is False and self._kill_if_unchanged(run, reason):
+                killed.append(run.info.run_id)
+            elif alive is None:
+                log.info("run %s left RUNNING: %s", run.info.run_id, reason)
+        return killed
+
+    def _search_all_runs(self, filter_string: str) -> list:
+        runs, token = [], None
+        while True:
+            page = self._with_retries(self.client.search_runs, [self.experiment_id], filter_string=filter_string,
+                                      order_by=["attributes.start_time ASC"], page_token=token)
+            runs.extend(page)
+            token = page.token
+            if not token:
+                return runs
+
+    def _kill_if_unchanged(self, run, reason: str) -> bool:
+        """KILL ``run`` unless it was terminated or re-claimed (owner tags changed) since it was read."""
+        keys = (OWNER_HOST_TAG, OWNER_PID_TAG, OWNER_PID_START_TAG)
+        now = self._with_retries(self.client.get_run, run.info.run_id)
+        if now.info.status != "RUNNING" or any(now.data.tags.get(k) != run.data.tags.get(k) for k in keys):
+            return False
+        me = owner_tags()
+        self.set_tags(run.info.run_id, {KILLED_BY_TAG: f"{me[OWNER_HOST_TAG]}:{me[OWNER_PID_TAG]}",
+                                        KILLED_REASON_TAG: reason})
+        self.end_run(run.info.run_id, "KILLED")
+        log.warning("MLflow run %s set KILLED: %s", run.info.run_id, reason)
+        return True
 
     # -- logging ---------------------------------------------------------------------
     def log_fn(self, run_id: str) -> Callable[[dict, int], None]:
@@ -236,17 +499,18 @@ class Tracker:
         for i in range(0, len(entries), METRICS_PER_BATCH):
             self._with_retries(self.client.log_batch, run_id, metrics=entries[i : i + METRICS_PER_BATCH])
 
-    @staticmethod
-    def _with_retries(fn: Callable[..., Any], *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
+    def _with_retries(self, fn: Callable[..., Any], *args: Any, attempts: int = 4, **kwargs: Any) -> Any:
         """Transient tracking errors (e.g. SQLite "database is locked" under concurrent stages) are retried
-        with exponential backoff; the last failure is raised."""
+        with exponential backoff from :attr:`retry_delay`; errors no retry can fix (an unknown run, an invalid
+        value, no permission) and the last failure are raised."""
         for attempt in range(attempts):
             try:
                 return fn(*args, **kwargs)
-            except Exception:  # noqa: BLE001
-                if attempt == attempts - 1:
+            except Exception as e:  # noqa: BLE001
+                if attempt == attempts - 1 or getattr(e, "error_code", None) in _PERMANENT_ERRORS:
                     raise
-                time.sleep(0.5 * 2**attempt)
+                log.debug("transient tracking error (attempt %d/%d): %s", attempt + 1, attempts, self._redact(e))
+                time.sleep(self.retry_delay * 2**attempt)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Flatten nested dicts with dots, stringify, truncate; values already logged with
@@ -262,7 +526,7 @@ class Tracker:
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         entries = [RunTag(k, v) for k, v in _str_tags(tags).items()]
         for i in range(0, len(entries), PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, tags=entries[i : i + PARAMS_PER_BATCH])
+            self._with_retries(self.client.log_batch, run_id, tags=entries[i : i + PARAMS_PER_BATCH])
 
     def log_artifacts(self, run_id: str, local_dir: str | os.PathLike, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(local_dir), artifact_path)
@@ -400,52 +664,107 @@ class Tracker:
         candidate_val_acc: float,
         baseline_val_acc: float,
         margin: float,
+        *,
+        lock: PromotionLock | None = None,
+        pending_ttl_s: float = PENDING_TTL_S,
     ) -> dict[str, Any]:
         """Gate: alias ``challenger`` -> version always; alias ``champion`` -> version iff
-        ``candidate >= baseline + margin`` and (no champion, or candidate > champion's
-        ``val_acc`` version tag).  Re-running for the current champion is a no-op that
-        reports ``promoted=True``.  (Read-then-set: run promotions of one model serially.)"""
+        ``candidate >= baseline + margin``, (no champion, or candidate > champion's ``val_acc`` version tag)
+        and no stronger candidate is being promoted concurrently.  Re-running for the current champion is a
+        no-op that reports ``promoted=True``.
+
+        Concurrency: ``lock`` serialises the promotions of ``name`` across processes: a context manager, or a
+        callable returning one (e.g. ``functools.partial(store.lock, f"locks/promote/{name}")``); without one
+        only the promotions of this process are serialised.  Everything from reading the champion to setting
+        the aliases and the ``promotion.decision`` / ``promotion.reason`` tags happens while it is held.
+        Before waiting for it, the candidate announces itself on its version (tag ``promotion.pending``: its
+        val_acc, its own threshold, time and owner); a candidate that would pass the gate but sees a stronger
+        announced candidate that would pass its own gate and beat the champion is rejected in favour of that
+        one (a tie goes to the lower version).  So however the lock orders candidates that overlap in time,
+        exactly the strongest is promoted.  Announcements older than ``pending_ttl_s`` or of a dead owner
+        (same-host check) are ignored; the tag is removed once the candidate has decided."""
         version = str(version)
-        candidate = float(candidate_val_acc)
-        baseline = float(baseline_val_acc)
-        margin = float(margin)
-        mv = self.client.get_model_version(name, version)
+        candidate, baseline, margin = float(candidate_val_acc), float(baseline_val_acc), float(margin)
+        self._announce(name, version, candidate, baseline + margin)
+        try:
+            with self._promotion_lock(name, lock):
+                try:
+                    return self._promote_locked(name, version, candidate, baseline, margin, pending_ttl_s)
+                finally:
+                    self._withdraw(name, version)
+        except BaseException:
+            self._withdraw(name, version)  # the lock may never have been acquired
+            raise
+
+    def _promotion_lock(self, name: str, lock: PromotionLock | None) -> ContextManager[Any]:
+        if lock is None:
+            with _LOCAL_LOCKS_GUARD:
+                return _LOCAL_LOCKS.setdefault((self.tracking_uri, name), threading.Lock())
+        if hasattr(lock, "__enter__") and hasattr(lock, "__exit__"):
+            return lock  # type: ignore[return-value]
+        if callable(lock):
+            cm = lock()
+            if hasattr(cm, "__enter__") and hasattr(cm, "__exit__"):
+                return cm
+        raise TrackingError(f"promotion lock must be a context manager or a callable returning one, not {lock!r}")
+
+    def _announce(self, name: str, version: str, candidate: float, threshold: float) -> None:
+        info = {"val_acc": candidate, "threshold": threshold, "ts": time.time(), **owner_tags(self.owner_flow_run_id)}
+        self._with_retries(self.client.set_model_version_tag, name, version, PROMOTION_PENDING_TAG, json.dumps(info))
+
+    def _withdraw(self, name: str, version: str) -> None:
+        try:
+            self.client.delete_model_version_tag(name, version, PROMOTION_PENDING_TAG)
+        except Exception as e:  # noqa: BLE001 - already gone; a leftover is ignored once stale or decided
+            log.debug("could not remove %s from %s v%s: %s", PROMOTION_PENDING_TAG, name, version, self._redact(e))
+
+    def _pending_rivals(self, name: str, version: str, ttl: float) -> list[tuple[str, float, float]]:
+        """(version, val_acc, threshold) of the other candidates of ``name`` announced and not yet decided."""
+        rivals, token = [], None
+        while True:
+            page = self._with_retries(self.client.search_model_versions, f"name = {_quote(name)}", page_token=token)
+            for mv in page:
+                raw = (mv.tags or {}).get(PROMOTION_PENDING_TAG)
+                if str(mv.version) == version or not raw:
+                    continue
+                try:
+                    info = json.loads(raw)
+                    acc, threshold, ts = float(info["val_acc"]), float(info["threshold"]), float(info["ts"])
+                except (ValueError, TypeError, KeyError):
+                    continue
+                if time.time() - ts > ttl or owner_liveness({k: str(v) for k, v in info.items()})[0] is False:
+                    continue  # stale: its process is gone (or too old to trust)
+                rivals.append((str(mv.version), acc, threshold))
+            token = page.token
+            if not token:
+                return rivals
+
+    def _champion(self, name: str) -> tuple[str | None, float | None]:
+        champ = self._with_retries(self.get_alias, name, CHAMPION)
+        if champ is None:
+            return None, None
+        try:
+            return str(champ.version), float(champ.tags[VAL_ACC_TAG])
+        except (KeyError, ValueError):
+            return str(champ.version), None
+
+    def _promote_locked(self, name: str, version: str, candidate: float, baseline: float, margin: float,
+                        pending_ttl_s: float) -> dict[str, Any]:
+        mv = self._with_retries(self.client.get_model_version, name, version)
         if VAL_ACC_TAG not in mv.tags:
-            self.client.set_model_version_tag(name, version, VAL_ACC_TAG, repr(candidate))
-        self.client.set_registered_model_alias(name, CHALLENGER, version)
+            self._with_retries(self.client.set_model_version_tag, name, version, VAL_ACC_TAG, repr(candidate))
+        self._with_retries(self.client.set_registered_model_alias, name, CHALLENGER, version)
 
-        champ = self.get_alias(name, CHAMPION)
-        champ_version = str(champ.version) if champ is not None else None
-        champ_acc: float | None = None
-        if champ is not None and VAL_ACC_TAG in champ.tags:
-            try:
-                champ_acc = float(champ.tags[VAL_ACC_TAG])
-            except ValueError:
-                champ_acc = None
-
-        threshold = baseline + margin
-        if champ_version == version:
-            promoted, reason = True, f"version {version} is already the champion"
-        elif math.isnan(candidate) or not candidate >= threshold:
-            promoted = False
-            reason = (f"candidate val_acc {candidate:.4f} < baseline {baseline:.4f} + margin {margin:.4f}"
-                      f" = {threshold:.4f}")
-        elif champ is not None and champ_acc is None:
-            promoted = False
-            reason = f"champion version {champ_version} has no usable {VAL_ACC_TAG!r} tag; not replaced automatically"
-        elif champ is not None and not candidate > champ_acc:
-            promoted = False
-            reason = f"candidate val_acc {candidate:.4f} does not beat champion v{champ_version} ({champ_acc:.4f})"
-        else:
-            promoted = True
-            reason = (f"candidate val_acc {candidate:.4f} >= baseline + margin {threshold:.4f}"
-                      + (f" and beats champion v{champ_version} ({champ_acc:.4f})" if champ is not None else
-                         "; no previous champion"))
-            self.client.set_registered_model_alias(name, CHAMPION, version)
-
-        self.client.set_model_version_tag(name, version, "promotion.decision", "promoted" if promoted else "rejected")
-        self.client.set_model_version_tag(name, version, "promotion.reason", _truncate(reason, MAX_TAG_VALUE))
-        after = self.get_alias(name, CHAMPION)
+        champ_version, champ_acc = self._champion(name)  # re-read inside the critical section
+        rivals = self._pending_rivals(name, version, pending_ttl_s)
+        promoted, reason = _gate(version, candidate, baseline, margin, champ_version, champ_acc, rivals)
+        if promoted and champ_version != version:
+            self._with_retries(self.client.set_registered_model_alias, name, CHAMPION, version)
+        self._with_retries(self.client.set_model_version_tag, name, version, PROMOTION_DECISION_TAG,
+                           "promoted" if promoted else "rejected")
+        self._with_retries(self.client.set_model_version_tag, name, version, PROMOTION_REASON_TAG,
+                           _truncate(reason, MAX_TAG_VALUE))
+        after, _ = self._champion(name)
         return {
             "promoted": promoted,
             "reason": reason,
@@ -455,5 +774,41 @@ class Tracker:
             "margin": margin,
             "champion_version_before": champ_version,
             "champion_val_acc_before": champ_acc,
-            "champion_version_after": str(after.version) if after is not None else None,
+            "champion_version_after": after,
         }
+
+
+def _version_key(version: str) -> int:
+    try:
+        return int(version)
+    except ValueError:
+        return sys.maxsize
+
+
+def _gate(version: str, candidate: float, baseline: float, margin: float, champ_version: str | None,
+          champ_acc: float | None, rivals: list[tuple[str, float, float]]) -> tuple[bool, str]:
+    """(promoted, reason) of the promotion gate; ``rivals``: concurrently announced (version, val_acc, threshold)."""
+    threshold = baseline + margin
+    if champ_version == version:
+        return True, f"version {version} is already the champion"
+    if math.isnan(candidate) or not candidate >= threshold:
+        return False, (f"candidate val_acc {candidate:.4f} < baseline {baseline:.4f} + margin {margin:.4f}"
+                       f" = {threshold:.4f}")
+    if champ_version is not None and champ_acc is None:
+        return False, f"champion version {champ_version} has no usable {VAL_ACC_TAG!r} tag; not replaced automatically"
+    if champ_version is not None and not candidate > champ_acc:
+        return False, f"candidate val_acc {candidate:.4f} does not beat champion v{champ_version} ({champ_acc:.4f})"
+
+    def stronger(rival: tuple[str, float, float]) -> bool:
+        v, acc, thr = rival
+        would_win = acc >= thr and (champ_version is None or acc > champ_acc)  # its own gate, on this champion
+        return would_win and (acc > candidate or (acc == candidate and _version_key(v) < _version_key(version)))
+
+    better = [r for r in rivals if not math.isnan(r[1]) and stronger(r)]
+    if better:
+        v, acc, _ = max(better, key=lambda r: (r[1], -_version_key(r[0])))
+        return False, (f"candidate val_acc {candidate:.4f} passes the gate, but version {v} (val_acc {acc:.4f}), "
+                       "promoted concurrently, is stronger")
+    return True, (f"candidate val_acc {candidate:.4f} >= baseline + margin {threshold:.4f}"
+                  + (f" and beats champion v{champ_version} ({champ_acc:.4f})" if champ_version is not None else
+                     "; no previous champion"))

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["make_imagefolder", "class_channel", "jpeg_bytes", "write_sha256sums"]
+__all__ = ["make_imagefolder", "class_channel", "jpeg_bytes", "png16_bytes", "big_png_bytes", "write_sha256sums"]
 
 
 def class_channel(label: int) -> int:
@@ -44,6 +46,34 @@ def jpeg_bytes(arr: np.ndarray, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
     return buf.getvalue()
+
+
+def png16_bytes(arr: np.ndarray) -> bytes:
+    """A real 16-bit greyscale PNG (Pillow mode ``I;16``) of the uint16 array ``arr`` [H, W]."""
+    im = Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint16))
+    assert im.mode == "I;16", im.mode
+    buf = io.BytesIO()
+    im.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def big_png_bytes(width: int, height: int, *, pixels: bool = True) -> bytes:
+    """An all-black 8-bit greyscale PNG of ``width`` x ``height`` that is tiny on disk (zeros compress ~1000x).
+
+    With ``pixels=False`` the file has the header only and no image data: decoding it fails, reading its
+    size does not -- so a reader that refuses it for its size provably did so before decoding.
+    """
+    head = b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+    if not pixels:
+        return head + _png_chunk(b"IEND", b"")
+    comp = zlib.compressobj(9)
+    row = bytes(width + 1)  # filter byte 0 + one byte per pixel
+    idat = b"".join(comp.compress(row) for _ in range(height)) + comp.flush()
+    return head + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
 
 
 def _files(classes, n_train, n_test, size, seed, ext) -> dict[str, bytes]:

@@ -71,10 +71,115 @@ def test_invalid_config_fails_before_compute_naming_the_field(tmp_path, capsys):
     assert main(["config", "--profile", "nope"]) == 2
 
 
-def test_student_without_teacher_is_rejected(prepared):
-    tmp, src = prepared
-    with pytest.raises(ValueError, match="teacher_dir"):
-        main(["stage", "train", "--role", "student", "--data", str(tmp), "--out", str(tmp / "x"), *tiny_args(tmp / "cache")])
+def _one_line_errors(err: str, n: int = 1) -> list[str]:
+    lines = err.strip().splitlines()
+    assert len(lines) == n and all(line.startswith("distill: ") for line in lines), err
+    assert "Traceback" not in err
+    return lines
+
+
+def test_student_without_teacher_is_rejected(tmp_path, capsys, monkeypatch):
+    """Refused in argument handling: exit 2, one line, before the config is built or any stage runs."""
+    from distill import stages
+
+    monkeypatch.setattr(stages, "train", lambda *a, **k: pytest.fail("a stage ran"))
+    rc = main(["stage", "train", "--role", "student", "--data", str(tmp_path), "--out", str(tmp_path / "x"),
+               *tiny_args(tmp_path / "cache")])
+    assert rc == 2
+    assert "--teacher" in _one_line_errors(capsys.readouterr().err)[0]
+    assert not (tmp_path / "x").exists()
+    assert main(["stage", "train", "--role", "teacher", "-T", "2", "--data", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "--role student" in _one_line_errors(capsys.readouterr().err)[0]
+
+
+def test_version(capsys):
+    from distill import __version__
+
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"distill {__version__}"
+
+
+@pytest.mark.parametrize(
+    "argv,needle,n",
+    [
+        (["config", "--set", "kd.temperature=Infinity"], "kd.temperature", 1),
+        (["config", "--set", "kd.temperature=1e-300", "--set", "student_train.lr=1e999"], "student_train.lr", 2),
+        (["config", "--set", "sweep.temperatures=[4, 8, 8]"], "sweep.temperatures", 1),
+        (["config", "--set", "a.b=3", "--set", "a.b.c=1"], "a.b", 1),
+        (["config", "--set", "a=1", "--set", "a.b=2"], "'a'", 1),
+        (["config", "--set", "kd..alpha=1"], "kd..alpha", 1),
+        (["config", "--bogus"], "--bogus", 1),
+        (["stage", "train", "--data", "x"], "--role", 1),
+        (["stage", "train", "--role", "student", "--teacher", "t", "--data", "x", "--out", "y", "-T", "inf"], "kd.temperature", 1),
+    ],
+)
+def test_user_errors_are_one_line_and_exit_2(argv, needle, n, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    _one_line_errors(err, n)
+    assert needle in err, err
+
+
+def test_stage_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    from distill import stages
+    from distill.checkpoint import CheckpointError, CheckpointMismatch
+    from distill.stages import ModelLoadError
+
+    # a folder that is no prepared data set (DataError)
+    assert main(["stage", "train", "--role", "teacher", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    _one_line_errors(capsys.readouterr().err)
+    for exc in (CheckpointMismatch("out holds another run\nstart fresh with --no-resume"), CheckpointError("bad checkpoint"),
+                ValueError("teacher_train.batch_size (512) is larger than the training split (90 images)")):
+        def boom(*a, exc=exc, **k):
+            raise exc
+        monkeypatch.setattr(stages, "train", boom)
+        assert main(["stage", "train", "--role", "teacher", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+        line = _one_line_errors(capsys.readouterr().err)[0]
+        assert str(exc).split()[0] in line
+    monkeypatch.setattr(stages, "evaluate", lambda *a, **k: (_ for _ in ()).throw(ModelLoadError("model folder m: config.json missing")))
+    assert main(["stage", "evaluate", "--model", "m", "--data", str(tmp_path)]) == 2
+    assert "config.json missing" in _one_line_errors(capsys.readouterr().err)[0]
+
+
+@pytest.fixture
+def fake_flow(monkeypatch, tmp_path):
+    """flows.cifar replaced by a recorder: ``distill run`` without Prefect."""
+    import types
+
+    calls = []
+    fake = types.ModuleType("flows.cifar")
+    fake.run_local = lambda **kw: calls.append(kw) or {}
+    monkeypatch.setitem(sys.modules, "flows.cifar", fake)
+    for var in ("PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY", "PREFECT_LOGGING_EXTRA_LOGGERS",
+                "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
+        monkeypatch.setenv(var, os.environ.get(var, "x"))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    return calls
+
+
+def test_run_passes_fresh_and_no_register(fake_flow):
+    assert main(["run", "cifar", "--set", "kd.alpha=0.5"]) == 0
+    assert "fresh" not in fake_flow[-1] and "register_models" not in fake_flow[-1]
+    assert fake_flow[-1]["overrides"] == {"kd": {"alpha": 0.5}}
+    assert main(["run", "cifar", "--fresh"]) == 0
+    assert fake_flow[-1]["fresh"] is True and "register_models" not in fake_flow[-1]
+    assert main(["run", "cifar", "--no-register"]) == 0
+    assert fake_flow[-1]["register_models"] is False and "fresh" not in fake_flow[-1]
+
+
+@pytest.mark.parametrize(
+    "argv,flag",
+    [
+        (["--train-pool", "gpu pool"], "--train-pool"),
+        (["--train-pool", "a/b"], "--train-pool"),
+        (["--store", "http://example.com/store"], "--store"),
+        (["--tracking-uri", "garbage:xyz"], "--tracking-uri"),
+    ],
+)
+def test_run_refuses_bad_parameters_before_the_flow(argv, flag, fake_flow, capsys):
+    assert main(["run", "cifar", *argv]) == 2
+    assert flag in _one_line_errors(capsys.readouterr().err)[0]
+    assert fake_flow == []
 
 
 def test_killed_stage_command_resumes(prepared, capsys):

@@ -15,6 +15,8 @@ import pytest
 import torch
 
 from distill import data as D
+from distill.data import cifar as D_cifar
+from distill.data import decode as D_decode
 from distill.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -29,9 +31,11 @@ from distill.data import (
 )
 
 try:
-    from _imagefolder import class_channel, jpeg_bytes, make_imagefolder, write_sha256sums
+    from _imagefolder import (big_png_bytes, class_channel, jpeg_bytes, make_imagefolder, png16_bytes,
+                              write_sha256sums)
 except ImportError:  # tests/ imported as a package
-    from tests._imagefolder import class_channel, jpeg_bytes, make_imagefolder, write_sha256sums
+    from tests._imagefolder import (big_png_bytes, class_channel, jpeg_bytes, make_imagefolder, png16_bytes,
+                                    write_sha256sums)
 
 CLASSES = ["cat", "dog", "frog"]
 
@@ -48,6 +52,20 @@ def _write_tar(path: Path, members: dict[str, bytes]) -> Path:
             info = tarfile.TarInfo(name)
             info.size = len(b)
             tf.addfile(info, io.BytesIO(b))
+    return path
+
+
+def _write_tar_entries(path: Path, members: dict[str, bytes | None]) -> Path:
+    """Like _write_tar, but a None value writes a directory entry."""
+    with tarfile.open(path, "w:gz") as tf:
+        for name, b in members.items():
+            info = tarfile.TarInfo(name)
+            if b is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.size = len(b)
+                tf.addfile(info, io.BytesIO(b))
     return path
 
 
@@ -152,7 +170,7 @@ def test_cache_hit_does_not_decode(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise RuntimeError("decoded")
 
-    monkeypatch.setattr(D, "_decode_image", boom)
+    monkeypatch.setattr(D_decode, "decode_image", boom)
     second = prepare_dataset(str(src), tmp_path / "cache", val_size=6, progress=True)
     assert second.dir == first.dir
     assert second.manifest_sha256 == first.manifest_sha256
@@ -167,7 +185,7 @@ def test_cache_follows_content_not_path(tmp_path, monkeypatch):
     first = _prep(src, tmp_path / "cache")
     moved = tmp_path / "b"
     src.rename(moved)
-    monkeypatch.setattr(D, "_decode_image", None)  # calling it would raise TypeError
+    monkeypatch.setattr(D_decode, "decode_image", None)  # calling it would raise TypeError
     assert _prep(moved, tmp_path / "cache").dir == first.dir
 
 
@@ -367,7 +385,7 @@ def test_val_size_errors(tmp_path):
 def test_cifar_python_folder_is_checked(tmp_path):
     batches = tmp_path / "cifar-10-batches-py"
     batches.mkdir()
-    for name in D._CIFAR_BATCH_FILES:
+    for name in D_cifar.BATCH_FILES:
         (batches / name).write_bytes(b"not the real pickle")
     with pytest.raises(DataError, match="cifar-10-batches-py"):
         _prep(batches, tmp_path / "cache")
@@ -394,6 +412,204 @@ def test_resolve_source(monkeypatch):
     assert resolve_source(None) == "/data/cifar"
     assert resolve_source("/elsewhere") == "/elsewhere"
     assert resolve_source(Path("/p")) == "/p"
+
+
+# ------------------------------------------------------------------------------------------
+# bad input: links, bit depth, huge images, class rules
+# ------------------------------------------------------------------------------------------
+
+
+def test_symlink_loop_in_class_folder_is_refused(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2)
+    os.symlink("..", src / "train" / "cat" / "loop")  # train/cat/loop -> train: every image again, as "cat"
+    with pytest.raises(DataError, match=r"train/cat/loop is a symbolic link to a folder"):
+        _prep(src, tmp_path / "cache", val_size=3)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+@pytest.mark.parametrize("where", ["in_class", "class_itself", "split_itself"])
+def test_folder_links_are_refused(tmp_path, where):
+    outside = make_imagefolder(tmp_path / "outside", n_train=4, n_test=2, seed=1)
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2)
+    if where == "in_class":  # a folder link inside a class folder, leaving the source
+        link = src / "train" / "cat" / "more"
+        os.symlink(outside / "train" / "dog", link)
+    elif where == "class_itself":  # a class folder that is a link (inside the source) to another class
+        link = src / "train" / "bird"
+        os.symlink("cat", link)
+        os.symlink("cat", src / "test" / "bird")
+    else:  # the split folder itself is a link out of the source
+        link = src / "test"
+        for p in sorted(link.rglob("*"), reverse=True):
+            p.unlink() if p.is_file() else p.rmdir()
+        link.rmdir()
+        os.symlink(outside / "test", link)
+    with pytest.raises(DataError, match=f"{link.relative_to(src)} is a symbolic link to a folder"):
+        _prep(src, tmp_path / "cache", val_size=4)
+
+
+def test_symlinked_image_files(tmp_path):
+    # Chosen rule: a link to an image file is read when its target stays inside the source folder and is not
+    # inside another <split>/<class> folder; it is labelled by the class folder the link is in.
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2)
+    (src / "pool").mkdir()
+    (src / "pool" / "extra.jpg").write_bytes((src / "train" / "dog" / "0000.jpg").read_bytes())
+    os.symlink("../../pool/extra.jpg", src / "train" / "cat" / "0100.jpg")
+    os.symlink("0000.jpg", src / "train" / "cat" / "0101.jpg")  # same class: fine
+    prep = _prep(src, tmp_path / "cache", val_size=3)
+    assert prep.manifest["classes"] == CLASSES
+    assert prep.manifest["counts"]["train"]["total"] + 3 == 3 * 4 + 2
+
+    outside = tmp_path / "secret.jpg"
+    outside.write_bytes((src / "train" / "dog" / "0001.jpg").read_bytes())
+    bad = {  # link target -> what the message says
+        os.path.relpath(outside, src / "train" / "cat"): "leads outside the source folder",
+        "../dog/0001.jpg": "link into train/dog/",
+        "../../test/cat/0000.jpg": "link into test/cat/",
+        "nothing-here.jpg": "not a file",
+    }
+    for target, said in bad.items():
+        link = src / "train" / "cat" / "0102.jpg"
+        os.symlink(target, link)
+        with pytest.raises(DataError, match="0102.jpg is a symbolic link") as e:
+            _prep(src, tmp_path / "cache", val_size=3)
+        assert said in str(e.value), (str(e.value), said)
+        link.unlink()
+
+
+def _same_images(arrays, expected: list[np.ndarray]) -> bool:
+    got = sorted(bytes(im.numpy()) for split in ("train", "val", "test") for im in arrays[split][0])
+    return got == sorted(bytes(e) for e in expected)
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path):
+    # Chosen rule: 16 -> 8 bits by the high byte (x >> 8), like Pillow's own 16-bit RGB PNG decoding.
+    rng = np.random.default_rng(0)
+    expected = []
+    for split, n in (("train", 4), ("test", 2)):
+        for cls in ("dark", "light"):
+            (tmp_path / "src" / split / cls).mkdir(parents=True)
+            for i in range(n):
+                a = rng.integers(0, 65536, size=(8, 8), dtype=np.uint16)
+                if i == 0:
+                    a[0, :4] = [0, 255, 65535, 257 * 100]
+                (tmp_path / "src" / split / cls / f"{i}.png").write_bytes(png16_bytes(a))
+                expected.append(np.repeat((a >> 8).astype(np.uint8)[None], 3, axis=0))
+    arrays = load_prepared(_prep(tmp_path / "src", tmp_path / "cache", val_size=2).dir)
+    assert _same_images(arrays, expected)
+    rows = {tuple(im[c, 0, :4].tolist()) for split in arrays.values() for im in split[0] for c in range(3)}
+    assert (0, 0, 255, 100) in rows  # 0, 255, 65535, 257 * 100
+
+
+def test_wide_integer_image_is_refused_not_clipped(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2, size=8)
+    buf = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.full((8, 8), 100_000, dtype=np.int32)).save(buf, format="TIFF")  # mode "I"
+    (src / "train" / "cat" / "wide.tif").write_bytes(buf.getvalue())
+    with pytest.raises(DataError, match=r"wide\.tif.*outside 0\.\.255"):
+        _prep(src, tmp_path / "cache", val_size=3)
+
+
+def test_huge_image_is_refused_from_its_header(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2, ext="png")
+    # Header only, no pixel data: decoding would fail, so a size error proves nothing was decoded.
+    (src / "train" / "cat" / "0000.png").write_bytes(big_png_bytes(9400, 9400, pixels=False))
+    with pytest.raises(DataError, match=r"0000\.png is 9400x9400 .*max_image_side=4096"):
+        _prep(src, tmp_path / "cache", val_size=3)
+    # A real (valid, 25 kB) 5000x5000 PNG inside a tarball: refused the same way.
+    members = {f"train/{c}/{i}.png": big_png_bytes(8, 8) for c in ("a", "b") for i in range(3)}
+    members |= {f"test/{c}/0.png": big_png_bytes(8, 8) for c in ("a", "b")}
+    members["train/b/1.png"] = big_png_bytes(5000, 5000)
+    tar = _write_tar(tmp_path / "data.tar.gz", members)
+    with pytest.raises(DataError, match=r"train/b/1\.png in .*data\.tar\.gz is 5000x5000"):
+        _prep(tar, tmp_path / "cache", val_size=2)
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_max_image_side_parameter(tmp_path):
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2, size=32)
+    with pytest.raises(DataError, match=r"is 32x32 .*max_image_side=31"):
+        _prep(src, tmp_path / "cache", val_size=3, max_image_side=31)
+    first = _prep(src, tmp_path / "cache", val_size=3, max_image_side=32)
+    # The limit only refuses input: it is not in the cache key, and it also applies to a cache hit.
+    assert _prep(src, tmp_path / "cache", val_size=3).dir == first.dir
+    with pytest.raises(DataError, match="max_image_side=16"):
+        _prep(src, tmp_path / "cache", val_size=3, max_image_side=16)
+    with pytest.raises(DataError, match="max_image_side"):
+        _prep(src, tmp_path / "cache", val_size=3, max_image_side=0)
+
+
+def test_decompression_bomb_guard_is_a_data_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    # 40x40 = 1600 px: above Pillow's limit, where Pillow only warns (and decodes); 50x50 is above twice it.
+    for size in (40, 50):
+        src = make_imagefolder(tmp_path / f"src{size}", n_train=4, n_test=2, size=size, ext="png")
+        with pytest.raises(DataError, match=r"\d{4}\.png is too large.*MAX_IMAGE_PIXELS=1000"):
+            _prep(src, tmp_path / "cache", val_size=3)
+
+
+@pytest.mark.parametrize("layout", ["folder", "tarballs", "single"])
+def test_single_class_is_refused(tmp_path, layout):
+    src = make_imagefolder(tmp_path / "src", classes=("cat",), n_train=6, n_test=2,
+                           as_tarballs=layout == "tarballs", single_tarball=layout == "single")
+    with pytest.raises(DataError, match=r"only class 'cat': .*at least 2 classes") as e:
+        _prep(src, tmp_path / "cache", val_size=2)
+    assert str(tmp_path / "src") in str(e.value)
+
+
+def _split_members(members: dict, layout: str, root: Path):
+    """Write members as a tarball pair (returns the folder) or one tarball (returns it)."""
+    root.mkdir(parents=True, exist_ok=True)
+    if layout == "single":
+        return _write_tar_entries(root / "data.tar.gz", members)
+    for split in ("train", "test"):
+        _write_tar_entries(root / f"{split}.tar.gz", {k: v for k, v in members.items() if k.startswith(split)})
+    return root
+
+
+@pytest.mark.parametrize("layout", ["tarballs", "single"])
+def test_empty_class_in_tarball_is_refused_like_a_folder(tmp_path, layout):
+    folder = make_imagefolder(tmp_path / "folder", n_train=4, n_test=2)
+    images = {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.jpg"))}
+    empty_shapes = {
+        "explicit directory entry": {"train/zebra/": None, "test/zebra/": None},
+        "only a directory entry, no slash": {"train/zebra": None, "test/zebra": None},
+        "only non-image files": {"train/zebra/README.txt": b"x", "test/zebra/README.txt": b"x"},
+        "only hidden files": {"train/zebra/.0000.jpg": images["train/cat/0000.jpg"],
+                              "test/zebra/.0000.jpg": images["test/cat/0000.jpg"]},
+        "only a sub-folder entry": {"train/zebra/sub/": None, "test/zebra/sub/": None},
+        "empty in test only": {**{f"train/zebra/{i}.jpg": images[f"train/cat/000{i}.jpg"] for i in range(4)},
+                               "test/zebra/": None},
+    }
+    for i, (shape, extra) in enumerate(empty_shapes.items()):
+        src = _split_members({**images, **extra}, layout, tmp_path / f"src{i}")
+        with pytest.raises(DataError, match=r"class folder (train|test)/zebra in .* holds no images") as e:
+            _prep(src, tmp_path / "cache", val_size=3)
+        assert str(tmp_path / f"src{i}") in str(e.value), shape
+
+
+@pytest.mark.parametrize("as_tarballs", [False, True])
+def test_class_mismatch_names_the_classes_of_both_sides(tmp_path, as_tarballs):
+    src = make_imagefolder(tmp_path / "src", n_train=4, n_test=2)
+    (src / "train" / "cat").rename(src / "train" / "zebra")  # zebra only in train, cat only in test
+    (src / "test" / "dog").rename(src / "test" / "yak")  # yak only in test, dog only in train
+    if as_tarballs:
+        tars = tmp_path / "tars"
+        tars.mkdir()
+        for split in ("train", "test"):
+            with tarfile.open(tars / f"{split}.tar.gz", "w:gz") as tf:
+                tf.add(src / split, arcname=split)
+        src = tars
+    with pytest.raises(DataError) as e:
+        _prep(src, tmp_path / "cache", val_size=3)
+    msg = str(e.value)
+    assert "missing in test" in msg and "missing in train" in msg, msg
+    assert "cat, yak" in msg.split("missing in train")[1], msg
+    assert "dog, zebra" in msg.split("missing in test")[1].split("missing in train")[0], msg
 
 
 # ------------------------------------------------------------------------------------------

@@ -77,14 +77,15 @@ def stack(tmp_path_factory):
                        "workers": (wc, wg)}
 
 
-def _params(stack) -> dict:
+def _params(stack, alpha: float = 0.7) -> dict:
     ov = tiny_overrides(stack["src"], stack["base"] / "cache")
-    ov["sweep"] = {"temperatures": [2.0, 4.0]}
+    ov["sweep"] = {"temperatures": [2.0, 4.0], "alphas": [alpha]}
+    ov["kd"] = {"alpha": alpha}
     return {"params": {"profile": "smoke", "train_pool": "gpu", "overrides": ov}}
 
 
-def _deployment_run(stack) -> str:
-    r = _prefect(["deployment", "run", "distill-cifar/local", "--params", json.dumps(_params(stack)),
+def _deployment_run(stack, alpha: float = 0.7) -> str:
+    r = _prefect(["deployment", "run", "distill-cifar/local", "--params", json.dumps(_params(stack, alpha)),
                   "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout) if p.exists())
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
@@ -94,7 +95,7 @@ def _deployment_run(stack) -> str:
 
 def _train_runs(stack, parent_id: str) -> list[dict]:
     runs = _api(stack["api"], "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["distill-train"]}}, "limit": 200})
-    return [r for r in runs if r["parameters"]["job"]["out_prefix"].startswith(f"runs/{parent_id}/")]
+    return [r for r in runs if r["parameters"]["job"]["tags"].get("prefect_flow_run_id") == parent_id]
 
 
 def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
@@ -131,18 +132,22 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
             assert r["work_pool_name"] == "gpu" and r["state_type"] == "COMPLETED", r
         summary = store.get_json(f"runs/{run1}/summary.json")
         assert summary["teacher_reused"] is False
+        stages = {name: r["stage_key"] for name, r in summary["results"].items()}
         for name in ("teacher", "baseline", "student"):
-            res = store.get_json(f"runs/{run1}/{name}/result.json")
+            res = store.get_json(f"{stages[name]}/result.json")
             assert res["executed_by"]["worker"] == "worker-gpu" and res["executed_by"]["pool"] == "gpu"
             # the weights were produced in the gpu worker's work folder, not the orchestrator's
-            assert (stack["homes"]["gpu"] / "work" / "runs" / run1 / name / "model.safetensors").exists()
-            assert not (stack["homes"]["cpu"] / "work" / "runs" / run1 / name / "model.safetensors").exists()
+            assert (stack["homes"]["gpu"] / "work" / stages[name] / "model.safetensors").exists()
+            assert not (stack["homes"]["cpu"] / "work" / stages[name] / "model.safetensors").exists()
 
-        # weights and checkpoints are in the bucket, and their checksums verify
+        # weights and checkpoints are in the bucket (content-addressed stage prefixes), and their checksums verify
+        from tasks.lab import _store_checkpoints
+
         keys = store.list(f"runs/{run1}")
         for name in ("teacher", "baseline", "student", "sweep-T2-a0.7"):
-            assert f"runs/{run1}/{name}/model/model.safetensors" in keys
-            assert f"runs/{run1}/{name}/checkpoints/epoch-0002/state.safetensors" in keys
+            assert "model.safetensors" in store.dir_manifest(f"{stages[name]}/model")
+            assert "epoch-0002" in _store_checkpoints(store, stages[name])
+            keys += store.list(stages[name])
         for key in keys + store.list(summary["data"]["data_key"]):
             store.verify(key)
         s3 = boto3.client("s3", endpoint_url=stack["s3"].endpoint, region_name="us-east-1")
@@ -168,13 +173,19 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
         else:
             assert "champion" not in client.get_registered_model("distill-cifar-student").aliases
 
-        # ---- second run: same data, teacher config and code -> the teacher is reused ----------------------
-        run2 = _deployment_run(stack)
+        # every MLflow run of the flow ended FINISHED: the parent and each nested stage run
+        exp = client.get_experiment_by_name("distill-cifar")
+        runs1 = client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{run1}'")
+        assert len(runs1) >= 5 and {r.info.status for r in runs1} == {"FINISHED"}
+
+        # ---- second run, another alpha: teacher and baseline (same work) are reused, the students train ---
+        run2 = _deployment_run(stack, alpha=0.5)
         summary2 = store.get_json(f"runs/{run2}/summary.json")
-        assert summary2["teacher_reused"] is True
-        assert sorted(r["name"] for r in _train_runs(stack, run2)) == ["baseline", "student", "sweep-T2-a0.7"]
-        assert "teacher reused" in store.get_bytes(f"runs/{run2}/report/report.md").decode()
+        assert summary2["teacher_reused"] is True and summary2["results"]["baseline"]["reused"] is True
+        assert sorted(r["name"] for r in _train_runs(stack, run2)) == ["student", "sweep-T2-a0.5"]
+        assert "teacher reused" in store.get_dir_file(f"runs/{run2}/report", "report.md").decode()
         assert len(client.search_model_versions("name='distill-cifar-teacher'")) == 1
+        assert len(client.search_model_versions("name='distill-cifar-baseline'")) == 1
         assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
     finally:
         os.environ.clear()

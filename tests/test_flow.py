@@ -43,11 +43,12 @@ def env(tmp_path_factory, harness):
     os.environ.update(old)
 
 
-def _run(env, **kw):
+def _run(env, overrides_extra=None, **kw):
     from flows.cifar import distill_cifar
     from flows.params import PipelineParams
 
     ov = tiny_overrides(env["src"], env["tmp"] / "cache")
+    ov.update(overrides_extra or {})
     params = PipelineParams(profile="smoke", overrides=ov, store_url=env["store"], tracking_uri=env["mlflow"], **kw)
     return distill_cifar(params)
 
@@ -100,17 +101,40 @@ def test_pipeline_in_process_then_teacher_reuse(env):
         assert any(a.type == "progress" for a in pc.read_artifacts(limit=200))
 
     store = open_store(env["store"])
-    report = store.get_bytes(f"runs/{first['flow_run_id']}/report/report.md").decode()
+    report = store.get_dir_file(f"runs/{first['flow_run_id']}/report", "report.md").decode()
     assert "| teacher |" in report and "Promotion gate" in report and "KD gain" in report
 
-    # --- second run: same data, same teacher config, same code -> the teacher is reused --------------
-    second = _run(env)
+    # every MLflow run of the flow ended: the parent and every nested stage run are FINISHED
+    assert client.get_run(first["mlflow_parent_run_id"]).info.status == "FINISHED"
+    assert {r.info.status for r in children} == {"FINISHED"}
+
+    # checkpoints are kept in the store by the retention policy (last N + best), not forever
+    from tasks.lab import _store_checkpoints
+
+    teacher_stage = first["results"]["teacher"]["stage_key"]
+    kept = _store_checkpoints(store, teacher_stage)
+    assert 1 <= len(kept) <= 2 and store.get_bytes(f"{teacher_stage}/checkpoints/LATEST").decode().split()[0] in kept
+
+    # --- second run: a different alpha. Teacher and baseline (same data, config, code) are reused; ---------
+    # --- the student, whose work differs, is trained; no stage is trained twice -------------------------
+    second = _run(env, overrides_extra={"kd": {"alpha": 0.5}})
     assert second["teacher_reused"] is True
     assert second["results"]["teacher"]["model_prefix"] == first["results"]["teacher"]["model_prefix"]
-    assert "teacher reused" in store.get_bytes(f"runs/{second['flow_run_id']}/report/report.md").decode()
-    assert not store.list(f"runs/{second['flow_run_id']}/teacher/")
-    # registration did not duplicate the reused teacher; baseline and student got new versions
+    assert second["results"]["baseline"]["reused"] is True
+    assert second["results"]["baseline"]["stage_key"] == first["results"]["baseline"]["stage_key"]
+    assert second["results"]["student"]["reused"] is False
+    assert second["results"]["student"]["stage_key"] != first["results"]["student"]["stage_key"]
+    report2 = store.get_dir_file(f"runs/{second['flow_run_id']}/report", "report.md").decode()
+    assert "teacher reused" in report2 and "baseline" in report2.split("reused:")[-1]
+    # registration did not duplicate the reused teacher and baseline; the new student got a new version
     assert len(client.search_model_versions("name='distill-cifar-teacher'")) == 1
+    assert len(client.search_model_versions("name='distill-cifar-baseline'")) == 1
+    assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
+    assert client.get_run(second["mlflow_parent_run_id"]).info.status == "FINISHED"
+
+    # --- third run, the same work as the second: everything is reused, nothing trains ------------------
+    third = _run(env, overrides_extra={"kd": {"alpha": 0.5}})
+    assert all(r["reused"] for r in third["results"].values())
     assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
 
 
@@ -128,7 +152,10 @@ def test_registration_is_idempotent(env):
     store = open_store(env["store"])
     for role in ("teacher", "baseline", "student"):
         prefix = summary["results"][role]["model_prefix"].rsplit("/", 1)[0]
-        full[role] = {**store.get_json(f"{prefix}/result.json"), "role": role}
+        # the stages were reused from the distill-cifar experiment: this experiment registered them from the
+        # nested runs that adopted them, which the summary names
+        full[role] = {**store.get_json(f"{prefix}/result.json"), "role": role,
+                      "mlflow_run_id": summary["results"][role]["mlflow_run_id"]}
     again = register_models.fn(
         full, store_url=env["store"], tracking_uri=env["mlflow"], experiment="idem", data_key=summary["data"]["data_key"],
         lineage={"prefect_flow_run_id": summary["flow_run_id"]}, margin=0.0,
@@ -136,6 +163,81 @@ def test_registration_is_idempotent(env):
     after = {r: len(client.search_model_versions(f"name='idem-{r}'")) for r in ("teacher", "baseline", "student")}
     assert before == after == {"teacher": 1, "baseline": 1, "student": 1}
     assert all(v["reused"] for v in again["versions"].values())
+
+
+def test_corrupt_stored_teacher_is_redone_not_fatal(env):
+    """A stored stage whose model no longer verifies must not fail every later run: it is dropped and redone
+    from its newest verified checkpoint (so no epoch is trained again)."""
+    from tasks.lab import stage_result
+    from tasks.storage import open_store
+
+    first = _run(env)  # everything reused from the first test
+    store = open_store(env["store"])
+    tstage = first["results"]["teacher"]["stage_key"]
+    weights = next(k for k in store.list(f"{tstage}/model") if k.endswith("model.safetensors"))
+    path = Path(store.root, *weights.split("/"))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+    again = _run(env)
+    assert again["teacher_reused"] is False
+    teacher = again["results"]["teacher"]
+    assert teacher["stage_key"] == tstage and teacher["resumed_from_epoch"] == 2  # from the last checkpoint
+    assert stage_result(store, tstage) is not None  # published again, and it verifies
+    # the teacher's weights are the same as before, so the students' work (keyed on them) is still reused
+    assert again["results"]["student"]["reused"] is True
+
+
+def test_integrity_errors_are_not_retried(env):
+    from prefect import flow, task
+
+    from tasks.lab import not_integrity_error
+    from tasks.storage import ChecksumMismatch
+
+    calls: list[str] = []
+
+    @task(retries=3, retry_condition_fn=not_integrity_error)
+    def fragile(kind: str):
+        calls.append(kind)
+        if kind == "integrity":
+            raise ChecksumMismatch("stages/x/model.safetensors", "a" * 64, "b" * 64)
+        raise ConnectionError("a passing fault")
+
+    @flow
+    def run(kind: str) -> bool:
+        return fragile(kind, return_state=True).is_failed()
+
+    assert run("integrity") is True
+    assert run("transient") is True
+    assert calls.count("integrity") == 1  # failed at once
+    assert calls.count("transient") == 4  # retried
+
+
+@pytest.mark.parametrize("prefix", ["../outside", "/etc/x", "stages/../../x", "stages//x", ""])
+def test_train_job_refuses_bad_prefixes_before_touching_the_disk(env, prefix, tmp_path):
+    from pydantic import ValidationError
+
+    from tasks.lab import TrainJob
+
+    with pytest.raises(ValidationError, match="out_prefix"):
+        TrainJob(role="teacher", name="teacher", lab={}, data_key="data/x", out_prefix=prefix, store_url="file:///tmp/x")
+
+
+def test_stage_dir_is_contained_in_the_work_folder(env, tmp_path):
+    from distill.files import PathEscapeError
+    from tasks.lab import stage_dir, work_dir
+
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    link = work_dir() / "evil"
+    link.symlink_to(outside)
+    try:
+        with pytest.raises(PathEscapeError):
+            stage_dir("evil/stage")
+        assert not any(outside.iterdir())
+    finally:
+        link.unlink()
 
 
 def test_bad_parameters_fail_before_compute(env):
@@ -212,7 +314,7 @@ def test_killed_training_stage_resumes_from_store(tmp_path):
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     assert not store.exists("run/model/MANIFEST.json"), "the stage finished before it was killed"
-    done_epoch = int(store.get_bytes("run/checkpoints/LATEST").decode().strip().split("-")[1])
+    done_epoch = int(store.get_bytes("run/checkpoints/LATEST").decode().split()[0].split("-")[1])
     assert 1 <= done_epoch < 6
 
     # re-run on another machine (another work folder): resumes from the store, not from epoch 0

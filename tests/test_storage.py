@@ -174,8 +174,13 @@ def test_put_dir_get_dir(store, tmp_path):
     prefix = run_prefix("flow-123", "teacher")
     manifest = store.put_dir(src, prefix)
     assert manifest == {rel: {"sha256": hashlib.sha256(d).hexdigest(), "size": len(d)} for rel, d in files.items()}
-    assert store.get_json(f"{prefix}/{MANIFEST_NAME}") == manifest
-    assert sorted(store.list(prefix)) == sorted([f"{prefix}/{r}" for r in files] + [f"{prefix}/{MANIFEST_NAME}"])
+    assert store.dir_manifest(prefix) == manifest
+    doc = store.get_json(f"{prefix}/{MANIFEST_NAME}")
+    assert doc["format"] == "distill.dir/2" and doc["files"] == manifest
+    gen = f"{prefix}/.gen/{doc['generation']}"
+    assert sorted(store.list(prefix)) == sorted([f"{gen}/{r}" for r in files] + [f"{prefix}/{MANIFEST_NAME}"])
+    for rel, data in files.items():
+        assert store.get_dir_file(prefix, rel) == data
 
     out = store.get_dir(prefix, tmp_path / "restored")
     for rel, data in files.items():
@@ -187,7 +192,7 @@ def test_put_dir_get_dir(store, tmp_path):
         store.get_dir("runs/flow-123/partial", tmp_path / "p")
 
     # a tampered member fails the download
-    tamper(store, f"{prefix}/config.json", b'{"role": "evil"}')
+    tamper(store, f"{gen}/config.json", b'{"role": "evil"}')
     with pytest.raises(ChecksumMismatch, match="config.json"):
         store.get_dir(prefix, tmp_path / "restored2")
 

@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import json
 import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import traceback
 import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -13,8 +27,15 @@ import pytest
 torch = pytest.importorskip("torch")
 mlflow = pytest.importorskip("mlflow")
 
-from tasks.tracking import PARENT_RUN_TAG, Tracker, TrackingError, default_tracking_uri  # noqa: E402
-from tests.servers import mlflow_server, moto_server  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from tasks.tracking import (  # noqa: E402
+    ERROR_TAG, KILLED_BY_TAG, KILLED_REASON_TAG, OWNER_FLOW_RUN_TAG, OWNER_HOST_TAG, OWNER_PID_START_TAG,
+    OWNER_PID_TAG, PARENT_RUN_TAG, PROMOTION_PENDING_TAG, Tracker, TrackingError, default_tracking_uri,
+)
+from tests.servers import free_port, mlflow_server, moto_server  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def uid(prefix: str) -> str:
@@ -222,3 +243,300 @@ def test_mlflow_server_with_s3_artifacts_on_moto(tmp_path, monkeypatch):
 
             loaded = tracker.load_model("models:/e2e-student@champion")  # downloaded through the server
             assert loaded(torch.rand(3, 3, 8, 8)).shape == (3, 10)
+
+
+# --------------------------------------------------------------------------- run lifecycle
+
+
+def _proc_start(pid: int) -> str:
+    """Field 22 (starttime) of /proc/<pid>/stat, read independently of tasks.tracking."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()[19]
+
+
+def _status(tracker: Tracker, run_id: str) -> str:
+    return tracker.client.get_run(run_id).info.status
+
+
+def test_runs_carry_owner_tags(tracking_uri):
+    tracker = Tracker(tracking_uri, uid("exp"), owner_flow_run_id="flow-run-42")
+    parent = tracker.start_parent("p", {}, {"work": "w"})
+    child = tracker.start_child(parent, "c", {}, {})
+    for run_id in (parent, child):
+        tags = tracker.client.get_run(run_id).data.tags
+        assert tags[OWNER_HOST_TAG] == socket.gethostname()
+        assert tags[OWNER_PID_TAG] == str(os.getpid())
+        assert tags[OWNER_PID_START_TAG] == _proc_start(os.getpid())
+        assert tags[OWNER_FLOW_RUN_TAG] == "flow-run-42"
+    plain = Tracker(tracking_uri, tracker.experiment_name).start_parent("q", {}, {})
+    assert OWNER_FLOW_RUN_TAG not in tracker.client.get_run(plain).data.tags  # not in a Prefect flow run
+
+
+def test_run_scope_ends_every_run_with_the_matching_status(tracker):
+    def scoped(exc: BaseException | None) -> str:
+        run = tracker.start_parent("scoped", {}, {})
+        if exc is None:
+            with tracker.run_scope(run) as rid:
+                assert rid == run and _status(tracker, run) == "RUNNING"
+        else:
+            with pytest.raises(type(exc)):
+                with tracker.run_scope(run):
+                    raise exc
+        return run
+
+    assert _status(tracker, scoped(None)) == "FINISHED"
+    failed = scoped(ValueError("boom"))
+    assert _status(tracker, failed) == "FAILED"
+    assert tracker.client.get_run(failed).data.tags[ERROR_TAG] == "ValueError: boom"
+    for exc in (KeyboardInterrupt(), SystemExit(3), asyncio.CancelledError()):
+        assert _status(tracker, scoped(exc)) == "KILLED", exc
+
+    # nested stages: the failing stage and its parent end FAILED, an earlier stage FINISHED
+    parent = tracker.start_parent("flow", {}, {})
+    ok, bad = tracker.start_child(parent, "ok", {}, {}), tracker.start_child(parent, "bad", {}, {})
+    with pytest.raises(RuntimeError):
+        with tracker.run_scope(parent):
+            with tracker.run_scope(ok):
+                pass
+            with tracker.run_scope(bad):
+                raise RuntimeError("stage failed")
+    assert [_status(tracker, r) for r in (parent, ok, bad)] == ["FAILED", "FINISHED", "FAILED"]
+
+    # a retried stage reopens (claims) its terminated run: RUNNING again, owned by this process
+    tracker.end_run(ok, "KILLED")
+    tracker.set_tags(ok, {OWNER_PID_TAG: "1"})
+    with tracker.run_scope(ok):
+        assert _status(tracker, ok) == "RUNNING"
+        assert tracker.client.get_run(ok).data.tags[OWNER_PID_TAG] == str(os.getpid())
+    assert _status(tracker, ok) == "FINISHED"
+
+
+def test_run_scope_retries_transient_errors_and_never_masks_the_cause(tracker, monkeypatch):
+    monkeypatch.setattr(tracker, "retry_delay", 0.01)
+    real = tracker.client.set_terminated
+    calls = []
+
+    def flaky(run_id, status=None, end_time=None):
+        calls.append(status)
+        if len(calls) <= 2:
+            raise MlflowException("(sqlite3.OperationalError) database is locked")
+        return real(run_id, status=status, end_time=end_time)
+
+    monkeypatch.setattr(tracker.client, "set_terminated", flaky)
+    run = tracker.start_parent("flaky", {}, {})
+    with tracker.run_scope(run):
+        pass
+    assert calls == ["FINISHED"] * 3 and _status(tracker, run) == "FINISHED"
+
+    def broken(run_id, status=None, end_time=None):
+        raise MlflowException("tracking server unavailable")
+
+    monkeypatch.setattr(tracker.client, "set_terminated", broken)
+    run = tracker.start_parent("broken", {}, {})
+    with pytest.raises(ValueError, match="the real cause"):
+        with tracker.run_scope(run):
+            raise ValueError("the real cause")
+    with pytest.raises(TrackingError, match="FINISHED"):
+        with tracker.run_scope(run):
+            pass
+
+
+_VICTIM = textwrap.dedent("""
+    import sys, time
+    from tasks.tracking import Tracker
+    tracker = Tracker(sys.argv[1], sys.argv[2])
+    parent = tracker.start_parent("victim", {}, {"work": sys.argv[3]})
+    child = tracker.start_child(parent, "stage", {}, {"work": sys.argv[3]})
+    print(parent, child, flush=True)
+    time.sleep(600)
+""")
+
+
+def _readline(proc: subprocess.Popen, timeout: float) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, f"no output from pid {proc.pid} within {timeout}s"
+    return proc.stdout.readline()
+
+
+def test_end_dead_runs_kills_the_runs_of_a_sigkilled_process(tracker, tracking_uri, monkeypatch):
+    monkeypatch.setattr(tracker, "retry_delay", 0.01)
+    work = uid("work")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_DISABLE_TELEMETRY": "true"}
+    proc = subprocess.Popen([sys.executable, "-c", _VICTIM, tracking_uri, tracker.experiment_name, work],
+                            stdout=subprocess.PIPE, text=True, cwd=REPO, env=env)
+    try:
+        victim_parent, victim_child = _readline(proc, 120).split()
+        tags = tracker.client.get_run(victim_child).data.tags
+        assert tags[OWNER_PID_TAG] == str(proc.pid) and tags[OWNER_PID_START_TAG] == _proc_start(proc.pid)
+        assert tracker.end_dead_runs("work", work) == []  # its owner is alive
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stdout.close()
+
+    mine = tracker.start_parent("mine", {}, {"work": work})  # owned by this (live) process
+    recycled = tracker.start_parent("recycled", {}, {"work": work})
+    tracker.set_tags(recycled, {OWNER_PID_START_TAG: "1"})  # our pid, but another process's start time
+    remote = {n: tracker.start_parent(n, {}, {"work": work}) for n in ("remote-dead", "remote-alive", "remote-unknown")}
+    for run_id in remote.values():
+        tracker.set_tags(run_id, {OWNER_HOST_TAG: "elsewhere.example"})
+    legacy = tracker.client.create_run(tracker.experiment_id, tags={"work": work}, run_name="legacy").info.run_id
+    other_work = tracker.start_parent("other", {}, {"work": "unrelated"})
+    tracker.set_tags(other_work, {OWNER_PID_START_TAG: "1"})
+
+    asked = []
+
+    def is_alive(run):
+        asked.append(run.info.run_name)
+        return {"remote-dead": False, "remote-alive": True, "legacy": False}.get(run.info.run_name)
+
+    killed = tracker.end_dead_runs("work", work, is_alive=is_alive)
+    assert set(killed) == {victim_parent, victim_child, recycled, remote["remote-dead"], legacy}
+    assert sorted(asked) == ["legacy", "remote-alive", "remote-dead", "remote-unknown"]  # never for local runs
+    for run_id in killed:
+        run = tracker.client.get_run(run_id)
+        assert run.info.status == "KILLED"
+        assert run.data.tags[KILLED_BY_TAG] == f"{socket.gethostname()}:{os.getpid()}"
+    reasons = {r: tracker.client.get_run(r).data.tags[KILLED_REASON_TAG] for r in killed}
+    assert f"owner process {proc.pid}" in reasons[victim_child] and "no longer exists" in reasons[victim_child]
+    assert "another process" in reasons[recycled] and "is_alive" in reasons[remote["remote-dead"]]
+    for run_id in (mine, remote["remote-alive"], remote["remote-unknown"], other_work):
+        assert _status(tracker, run_id) == "RUNNING"
+    assert tracker.end_dead_runs("work", work, is_alive=lambda run: 1 / 0) == []  # a failing callback: unknown
+
+    # the re-run takes over its predecessor's run
+    with tracker.run_scope(victim_parent):
+        assert _status(tracker, victim_parent) == "RUNNING"
+    assert _status(tracker, victim_parent) == "FINISHED"
+
+
+# --------------------------------------------------------------------------- promotion: order of candidates
+
+
+def test_promotion_prefers_the_stronger_concurrent_candidate(tracker, tmp_path):
+    name = uid("order")
+    weak = _cheap_version(tracker, name, tmp_path, 0.70)
+    strong = _cheap_version(tracker, name, tmp_path, 0.80)
+    # another process announced the stronger candidate and waits for the lock: the weaker one, deciding
+    # first, must not become champion; the announcement's own gate (threshold) counts
+    tracker.client.set_model_version_tag(name, strong, PROMOTION_PENDING_TAG, json.dumps(
+        {"val_acc": 0.80, "threshold": 0.62, "ts": time.time(), OWNER_HOST_TAG: "elsewhere"}))
+    r_weak = tracker.promote(name, weak, 0.70, 0.60, 0.02, lock=threading.Lock())
+    assert not r_weak["promoted"] and f"version {strong}" in r_weak["reason"] and "stronger" in r_weak["reason"]
+    assert r_weak["champion_version_after"] is None
+    assert PROMOTION_PENDING_TAG not in tracker.client.get_model_version(name, weak).tags
+    r_strong = tracker.promote(name, strong, 0.80, 0.60, 0.02, lock=threading.Lock)  # a factory works too
+    assert r_strong["promoted"] and r_strong["champion_version_after"] == strong
+    assert PROMOTION_PENDING_TAG not in tracker.client.get_model_version(name, strong).tags
+
+    # a stronger announcement that fails its own gate, or whose owner on this host is dead, does not block
+    other = uid("order")
+    a = _cheap_version(tracker, other, tmp_path, 0.70)
+    b = _cheap_version(tracker, other, tmp_path, 0.90)
+    c = _cheap_version(tracker, other, tmp_path, 0.95)
+    now = time.time()
+    tracker.client.set_model_version_tag(other, b, PROMOTION_PENDING_TAG, json.dumps(
+        {"val_acc": 0.90, "threshold": 0.95, "ts": now, OWNER_HOST_TAG: "elsewhere"}))
+    tracker.client.set_model_version_tag(other, c, PROMOTION_PENDING_TAG, json.dumps(
+        {"val_acc": 0.95, "threshold": 0.5, "ts": now, OWNER_HOST_TAG: socket.gethostname(),
+         OWNER_PID_TAG: str(os.getpid()), OWNER_PID_START_TAG: "1"}))
+    r = tracker.promote(other, a, 0.70, 0.60, 0.02)
+    assert r["promoted"] and r["champion_version_after"] == a
+
+
+# --------------------------------------------------------------------------- credentials in the tracking URI
+
+PASSWORD = "s3cr3t%2Fpw"  # percent-encoded in the URL: the password is "s3cr3t/pw"
+
+
+@pytest.fixture
+def no_mlflow_creds(monkeypatch):
+    """MLFLOW_TRACKING_USERNAME/PASSWORD unset now and restored after (whatever the Tracker sets)."""
+    for var in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(var, "x")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+
+
+def _no_secret(text: str) -> None:
+    assert PASSWORD not in text and "s3cr3t/pw" not in text and "s3cr3t" not in text, text
+
+
+def test_credentials_in_uri_not_shown_in_errors(no_mlflow_creds):
+    port = free_port()  # nothing listens there
+    with pytest.raises(TrackingError) as info:
+        Tracker(f"http://alice:{PASSWORD}@127.0.0.1:{port}", "x")
+    message = str(info.value)
+    _no_secret(message)
+    _no_secret("".join(traceback.format_exception(info.value)))
+    assert f"127.0.0.1:{port}" in message
+    # the credentials went to MLflow's own variables, decoded
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "alice"
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "s3cr3t/pw"
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Just enough of the MLflow REST API for Tracker(): no experiment yet, then create it."""
+
+    seen: list = []
+
+    def _reply(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):  # noqa: N802
+        self.seen.append((self.requestline, self.headers.get("Authorization")))
+        self._reply(404, {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"})
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.seen.append((self.requestline, self.headers.get("Authorization")))
+        if self.path.endswith("/experiments/create"):
+            self._reply(200, {"experiment_id": "7"})
+        else:
+            self._reply(500, {"error_code": "INTERNAL_ERROR", "message": "not implemented here"})
+
+    def log_message(self, *args):
+        pass
+
+
+def test_credentials_in_uri_go_to_mlflow_as_basic_auth_not_in_the_uri(no_mlflow_creds, monkeypatch):
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Recorder)
+    _Recorder.seen = []
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        clean = f"http://127.0.0.1:{server.server_address[1]}"
+        tracker = Tracker(f"http://alice:{PASSWORD}@{clean[len('http://'):]}/", "exp")
+        assert tracker.experiment_id == "7"
+        assert tracker.tracking_uri == clean + "/" and tracker.display_uri == clean + "/"
+        for shown in (repr(tracker), tracker.display_uri, tracker.tracking_uri, str(vars(tracker.client))):
+            _no_secret(shown)
+        expected = "Basic " + base64.b64encode(b"alice:s3cr3t/pw").decode()
+        assert _Recorder.seen and all(auth == expected for _, auth in _Recorder.seen)
+        assert all("alice" not in line for line, _ in _Recorder.seen)
+
+        # credentials already in the environment win; the URI's are not used (nor shown)
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "bob")
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "bobs-password")
+        _Recorder.seen = []
+        other = Tracker(f"http://alice:{PASSWORD}@{clean[len('http://'):]}", "exp")
+        assert os.environ["MLFLOW_TRACKING_PASSWORD"] == "bobs-password"
+        assert _Recorder.seen[0][1] == "Basic " + base64.b64encode(b"bob:bobs-password").decode()
+        _no_secret(repr(other))
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_database_uri_credentials_are_redacted_for_display(no_mlflow_creds):
+    with pytest.raises(TrackingError) as info:  # the driver is not installed / nothing listens: an error
+        Tracker(f"postgresql://alice:{PASSWORD}@127.0.0.1:{free_port()}/mlflow", "x")
+    _no_secret(str(info.value))
+    assert "***@127.0.0.1" in str(info.value)

@@ -4,10 +4,13 @@
   distill stage train    --role teacher|baseline|student --data DIR --out DIR [--teacher DIR] [-T 4 --alpha 0.7]
   distill stage evaluate --model DIR --data DIR [--teacher DIR] [--split test|val]
   distill lab            --profile smoke --out runs/lab      (all stages in-process, no Prefect)
-  distill run cifar      --profile smoke                      (the Prefect flow; needs the pipeline extra)
+  distill run cifar      --profile smoke [--fresh] [--no-register]  (the Prefect flow; needs the pipeline extra)
   distill config         --profile seed                       (print the resolved config)
+  distill --version
 
-Every subcommand takes ``--set section.field=value`` overrides, validated before any compute.
+Every subcommand takes ``--set section.field=value`` overrides, validated before any compute. A user
+error (bad config or argument, bad data, a checkpoint that does not fit) is one line on stderr,
+``distill: <message>``, and exit status 2.
 """
 
 from __future__ import annotations
@@ -20,7 +23,38 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from . import __version__
 from .config import KDConfig, load_profile, parse_overrides
+
+log = logging.getLogger("distill.cli")
+
+# `distill run` flags by PipelineParams field, so that their errors name what the user typed
+_RUN_FLAGS = {"train_pool": "--train-pool", "store_url": "--store", "tracking_uri": "--tracking-uri"}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with usage errors on one line: ``distill: <message> (see 'distill stage train --help')``."""
+
+    def error(self, message: str):
+        self.exit(2, f"distill: {message} (see '{self.prog} --help')\n")
+
+
+def error_lines(e: ValidationError, prefix: tuple = (), names: dict | None = None) -> list[str]:
+    """One line per pydantic error, naming the field as ``section.field`` (``prefix`` prepended)."""
+    lines = []
+    for err in e.errors():
+        loc = [str(p) for p in (*prefix, *err["loc"])]
+        if loc and names and loc[0] in names:
+            loc[0] = names[loc[0]]
+        msg = " ".join(err["msg"].removeprefix("Value error, ").split())
+        lines.append(f"{'.'.join(loc)}: {msg}" if loc else msg)
+    return lines
+
+
+def _fail(*lines: str) -> int:
+    for line in lines:
+        print(f"distill: {' '.join(str(line).split())}", file=sys.stderr)
+    return 2
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -30,7 +64,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="distill", description="Knowledge distillation: stages and pipeline")
+    ap = _Parser(prog="distill", description="Knowledge distillation: stages and pipeline")
+    ap.add_argument("--version", action="version", version=f"distill {__version__}")
     ap.add_argument("-q", "--quiet", action="store_true")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
@@ -71,7 +106,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--train-pool", help="dispatch training stages to this Prefect work pool")
     p.add_argument("--store", help="store URL: file:///path or s3://bucket/prefix (default $DISTILL_STORE_URL or .distill/store)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or .distill/mlflow.db)")
+    p.add_argument("--fresh", action="store_true", help="run afresh, reusing no earlier results (passed to the flow as fresh=True)")
+    p.add_argument("--no-register", action="store_true", help="do not log and register the models in MLflow")
     return ap
+
+
+def _check_args(args) -> str | None:
+    """Argument combinations argparse cannot express; the message, or None."""
+    if args.cmd == "stage" and args.stage == "train":
+        if args.role == "student" and not args.teacher:
+            return "stage train --role student needs --teacher DIR (the output folder of the teacher stage)"
+        if args.role != "student" and (args.temperature is not None or args.alpha is not None):
+            return f"-T/--temperature and --alpha apply to --role student only, not --role {args.role}"
+    return None
 
 
 def _config(args):
@@ -108,19 +155,35 @@ def run_lab(cfg, out: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a usage error already printed on one line
+        return e.code if isinstance(e.code, int) else 2
+    problem = _check_args(args)
+    if problem:
+        return _fail(problem)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore", "urllib3", "botocore", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    kd = None
     try:
         cfg = _config(args)
+        if args.cmd == "stage" and args.stage == "train" and args.role == "student":
+            try:
+                kd = KDConfig(
+                    loss=cfg.kd.loss,
+                    temperature=args.temperature if args.temperature is not None else cfg.kd.temperature,
+                    alpha=args.alpha if args.alpha is not None else cfg.kd.alpha,
+                )
+            except ValidationError as e:
+                return _fail(*(f"invalid configuration: {line}" for line in error_lines(e, ("kd",))))
     except ValidationError as e:
-        print(f"distill: invalid configuration:\n{e}", file=sys.stderr)
-        return 2
-    except ValueError as e:
-        print(f"distill: {e}", file=sys.stderr)
-        return 2
+        return _fail(*(f"invalid configuration: {line}" for line in error_lines(e)))
+    except ValueError as e:  # unknown profile, malformed or conflicting --set
+        return _fail(e)
 
+    from .checkpoint import CheckpointError
     from .data import DataError
 
     try:
@@ -135,13 +198,6 @@ def main(argv: list[str] | None = None) -> int:
                 res = stages.prepare(cfg.data, args.cache)
                 _print({"dir": res["dir"], "manifest_sha256": res["manifest_sha256"], "counts": res["manifest"]["counts"]})
             elif args.stage == "train":
-                kd = None
-                if args.role == "student":
-                    kd = KDConfig(
-                        loss=cfg.kd.loss,
-                        temperature=args.temperature if args.temperature is not None else cfg.kd.temperature,
-                        alpha=args.alpha if args.alpha is not None else cfg.kd.alpha,
-                    )
                 res = stages.train(args.role, cfg, args.data, args.out, teacher_dir=args.teacher, kd=kd, resume=not args.no_resume)
                 _print(res)
             elif args.stage == "evaluate":
@@ -154,6 +210,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.cmd == "run":
             import os
 
+            try:
+                from flows.params import PipelineParams
+            except ImportError as e:  # pragma: no cover - depends on the install
+                return _fail(f"the pipeline needs the 'pipeline' extra (pip install 'distill[pipeline]'): {e}")
+            overrides = parse_overrides(args.overrides)
+            try:  # the flow's own parameter check, before Prefect starts
+                PipelineParams(profile=args.profile, overrides=overrides, train_pool=args.train_pool,
+                               store_url=args.store, tracking_uri=args.tracking_uri)
+            except ValidationError as e:
+                return _fail(*(f"invalid parameters: {line}" for line in error_lines(e, names=_RUN_FLAGS)))
             os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
             os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
             os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "distill")
@@ -165,15 +231,18 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 from flows.cifar import run_local
             except ImportError as e:  # pragma: no cover - depends on the install
-                print(f"distill: the pipeline needs the 'pipeline' extra (pip install 'distill[pipeline]'): {e}", file=sys.stderr)
-                return 2
+                return _fail(f"the pipeline needs the 'pipeline' extra (pip install 'distill[pipeline]'): {e}")
             run_local(
-                profile=args.profile, overrides=parse_overrides(args.overrides), train_pool=args.train_pool,
+                profile=args.profile, overrides=overrides, train_pool=args.train_pool,
                 store_url=args.store, tracking_uri=args.tracking_uri,
+                **({"fresh": True} if args.fresh else {}),
+                **({"register_models": False} if args.no_register else {}),
             )
-    except (DataError, ValidationError) as e:
-        print(f"distill: {e}", file=sys.stderr)
-        return 2
+    except ValidationError as e:
+        return _fail(*(f"invalid configuration: {line}" for line in error_lines(e)))
+    except (DataError, CheckpointError, ValueError) as e:  # user mistakes: bad data, folders, checkpoints, values
+        log.debug("user error", exc_info=True)
+        return _fail(e)
     return 0
 
 

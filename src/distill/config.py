@@ -7,18 +7,62 @@ and ``full`` (a stronger recipe whose teacher clearly beats the baseline).
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
+import typing
 import warnings
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from .losses import LOSSES
 from .models import MODELS, parameter_count
 
+# Bounds shared by every place that takes the value (KDConfig and the sweep members are built from the
+# same types). Floats are finite (``allow_inf_nan=False``): JSON ``Infinity``/``NaN`` from ``--set`` or
+# Prefect parameters fail here, not an epoch into training.
+Temperature = Annotated[float, Field(gt=0.05, le=100, allow_inf_nan=False)]
+Alpha = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+Epochs = Annotated[int, Field(ge=1, le=1000)]
+BatchSize = Annotated[int, Field(ge=1, le=65536)]
+ImageCount = Annotated[int, Field(ge=1, le=10_000_000)]
+SWEEP_MAX = 32  # members per sweep list
+
+MAX_PARAMETERS = 2_000_000_000  # per model, counted on the meta device when the config is built
+# model-size knobs of the registered models (resnet_small), by keyword name, checked before the model is
+# built on the meta device (a depth of 10**7 would take minutes to build there)
+MODEL_KWARG_BOUNDS: dict[str, tuple[int, int]] = {"width": (1, 4096), "depth": (1, 100)}
+
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_parameter_count(name: str, fn: Any, items: tuple) -> int:
+    return parameter_count(name, **dict(items))
+
+
+def model_parameter_count(name: str, kwargs: dict) -> int:
+    """``distill.models.parameter_count`` memoised per (model, kwargs): configs are validated often."""
+    return _cached_parameter_count(name, MODELS[name], tuple(sorted(kwargs.items())))
+
+
+def _kwarg_value(model: str, key: str, value: Any, ann: Any) -> Any:
+    """``value`` checked (and integral floats converted) against the model function's annotation."""
+    kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(ann)
+    if kind is None:  # no (simple) annotation: passed as given
+        return value
+    if ann is int and isinstance(value, float) and not isinstance(value, bool) and value.is_integer():
+        value = int(value)
+    ok = isinstance(value, ann) and (ann is bool or not isinstance(value, bool))
+    if ann is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"{model} parameter {key!r} must be {kind}, got {value!r}")
+    return value
 
 
 class ModelSpec(_Strict):
@@ -32,39 +76,81 @@ class ModelSpec(_Strict):
             raise ValueError(f"unknown model {v!r}; registered models: {sorted(MODELS)}")
         return v
 
+    @field_validator("kwargs")
+    @classmethod
+    def _fits_model(cls, v: dict, info: ValidationInfo) -> dict:
+        """Only keywords the registered model accepts, of the annotated types, within MODEL_KWARG_BOUNDS, and
+        at most MAX_PARAMETERS parameters (counted on the meta device: nothing is allocated)."""
+        name = info.data.get("name")
+        if name is None:  # unknown model: reported on the name
+            return v
+        fn = MODELS[name]
+        params = inspect.signature(fn).parameters
+        try:
+            hints = typing.get_type_hints(fn)
+        except Exception:  # unresolvable annotations: names are still checked
+            hints = {}
+        open_ended = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepted = sorted(
+            n for n, p in params.items()
+            if n != "num_classes" and p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        )
+        out = {}
+        for key, value in v.items():
+            if key == "num_classes":
+                raise ValueError("num_classes comes from the data set's classes; it cannot be set in kwargs")
+            if key not in accepted and not open_ended:
+                raise ValueError(f"model {name!r} has no parameter {key!r}; it accepts: {', '.join(accepted) or 'none'}")
+            value = _kwarg_value(name, key, value, hints.get(key))
+            if key in MODEL_KWARG_BOUNDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+                lo, hi = MODEL_KWARG_BOUNDS[key]
+                if not lo <= value <= hi:
+                    raise ValueError(f"{key} must be between {lo} and {hi}, got {value}")
+            out[key] = value
+        try:
+            n = model_parameter_count(name, out)
+        except (TypeError, ValueError) as e:  # rejected by the model constructor
+            raise ValueError(f"model {name!r} cannot be built with {out}: {e}") from e
+        if n > MAX_PARAMETERS:
+            raise ValueError(f"model {name!r} with {out} has {n:,} parameters, more than the {MAX_PARAMETERS:,} allowed")
+        return out
+
 
 class DataConfig(_Strict):
     source: str | None = Field(
         None, description="ImageFolder folder/tarball, torchvision CIFAR-10 folder, 'torchvision', or None for $DISTILL_CIFAR10"
     )
     cache_dir: str = ".cache/distill/data"
-    val_size: int = Field(5000, ge=1, description="images split off the training split for model selection")
-    split_seed: int = 0
-    train_subset: int | None = Field(None, ge=1)
-    test_subset: int | None = Field(None, ge=1)
+    val_size: ImageCount = Field(5000, description="images split off the training split for model selection")
+    split_seed: Seed = 0
+    train_subset: ImageCount | None = None
+    test_subset: ImageCount | None = None
     expected_classes: list[str] | None = None
+    max_image_side: int = Field(4096, ge=8, le=65536, description="images larger than this per side are refused before decoding")
 
 
 class TrainConfig(_Strict):
-    epochs: int = Field(15, ge=1)
-    batch_size: int = Field(128, ge=1)
-    lr: float = Field(0.1, gt=0)
+    epochs: Epochs = 15
+    batch_size: BatchSize = 128
+    lr: float = Field(0.1, ge=1e-8, le=10)
     momentum: float = Field(0.9, ge=0, lt=1)
     nesterov: bool = False
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(5e-4, ge=0, le=1)
     schedule: Literal["cosine_epoch", "cosine_step"] = Field(
         "cosine_epoch", description="cosine annealing stepped per epoch (the seed's) or per optimiser step"
     )
-    warmup_epochs: int = Field(0, ge=0)
-    seed: int = 0
+    warmup_epochs: int = Field(0, ge=0, le=1000)
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "off"] = Field("auto", description="auto = bf16 autocast on CUDA, off on CPU")
     channels_last: Literal["auto", "on", "off"] = "auto"
     compile: Literal["auto", "off", "default", "reduce-overhead"] = Field(
         "auto", description="torch.compile mode; auto = reduce-overhead (CUDA graphs) on CUDA, off on CPU"
     )
-    eval_batch_size: int = Field(1000, ge=1)
+    eval_batch_size: BatchSize = 1000
     progress: Literal["auto", "bar", "log", "off"] = "auto"
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="last N epoch checkpoints kept (plus the best)")
+    keep_best_checkpoint: bool = Field(True, description="also keep the best-on-validation epoch's checkpoint")
 
     @model_validator(mode="after")
     def _warmup(self):
@@ -75,8 +161,8 @@ class TrainConfig(_Strict):
 
 class KDConfig(_Strict):
     loss: str = "kd"
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.7, ge=0, le=1)
+    temperature: Temperature = 4.0
+    alpha: Alpha = 0.7
 
     @field_validator("loss")
     @classmethod
@@ -88,41 +174,45 @@ class KDConfig(_Strict):
 
 class SweepConfig(_Strict):
     enabled: bool = True
-    temperatures: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0])
-    alphas: list[float] = Field(default_factory=lambda: [0.7])
+    # members take KDConfig's own types (Temperature, Alpha): the same bounds, stated once
+    temperatures: list[Temperature] = Field(
+        default_factory=lambda: [1.0, 2.0, 4.0, 8.0, 16.0], max_length=SWEEP_MAX, json_schema_extra={"uniqueItems": True}
+    )
+    alphas: list[Alpha] = Field(default_factory=lambda: [0.7], max_length=SWEEP_MAX, json_schema_extra={"uniqueItems": True})
+
+    @staticmethod
+    def _distinct(v: list[float], what: str) -> list[float]:
+        if not v:
+            raise ValueError(f"at least one {what} is needed")
+        seen: set[float] = set()
+        for x in v:
+            if x in seen:  # two identical stages would run at once and the report would list them twice
+                raise ValueError(f"{what} {x:g} is listed more than once; each value must appear once")
+            seen.add(x)
+        return v
 
     @field_validator("temperatures")
     @classmethod
     def _t(cls, v):
-        if not v:
-            raise ValueError("at least one temperature is needed")
-        bad = [t for t in v if not t > 0]
-        if bad:
-            raise ValueError(f"temperatures must be > 0, got {bad}")
-        return v
+        return cls._distinct(v, "temperature")
 
     @field_validator("alphas")
     @classmethod
     def _a(cls, v):
-        if not v:
-            raise ValueError("at least one alpha is needed")
-        bad = [a for a in v if not 0 <= a <= 1]
-        if bad:
-            raise ValueError(f"alphas must be in [0, 1], got {bad}")
-        return v
+        return cls._distinct(v, "alpha")
 
     def members(self) -> list[KDConfig]:
         return [KDConfig(temperature=t, alpha=a) for a in self.alphas for t in self.temperatures]
 
 
 class EvalConfig(_Strict):
-    batch_size: int = Field(1000, ge=1)
-    ece_bins: int = Field(15, ge=1)
+    batch_size: BatchSize = 1000
+    ece_bins: int = Field(15, ge=1, le=1000)
     speed: bool = Field(True, description="measure latency and throughput")
-    latency_runs: int = Field(50, ge=1)
-    throughput_batch: int = Field(256, ge=1)
-    throughput_runs: int = Field(5, ge=1)
-    warmup_runs: int = Field(5, ge=0)
+    latency_runs: int = Field(50, ge=1, le=10_000)
+    throughput_batch: int = Field(256, ge=1, le=4096)
+    throughput_runs: int = Field(5, ge=1, le=1000)
+    warmup_runs: int = Field(5, ge=0, le=1000)
 
 
 class LabConfig(_Strict):
@@ -142,8 +232,8 @@ class LabConfig(_Strict):
     @model_validator(mode="after")
     def _sizes(self):
         try:
-            t = parameter_count(self.teacher.name, **self.teacher.kwargs)
-            s = parameter_count(self.student.name, **self.student.kwargs)
+            t = model_parameter_count(self.teacher.name, self.teacher.kwargs)
+            s = model_parameter_count(self.student.name, self.student.kwargs)
         except TypeError as e:  # bad kwargs for the model constructor
             raise ValueError(f"bad model kwargs: {e}") from e
         if s > t:
@@ -223,19 +313,51 @@ def load_profile(name: str, overrides: dict | None = None) -> LabConfig:
 
 
 def parse_overrides(items: list[str]) -> dict:
-    """``["student_train.epochs=3", "kd.temperature=2"]`` -> nested dict (values parsed as JSON when possible)."""
+    """``["student_train.epochs=3", "kd.temperature=2"]`` -> nested dict (values parsed as JSON when possible).
+
+    A later override of the same key wins; a JSON object given for a section is merged like a preset
+    (``teacher={...}`` then ``teacher.kwargs.width=8`` is fine). Overrides that contradict each other
+    (``a.b=3`` and ``a.b.c=1``, in either order) and empty key segments (``kd..alpha``) raise ValueError
+    naming the key."""
     out: dict = {}
+    origin: dict[tuple[str, ...], str] = {}  # key path -> the override that set it
+
+    def setter(path: tuple[str, ...]) -> str:
+        for n in range(len(path), 0, -1):
+            if path[:n] in origin:
+                return origin[path[:n]]
+        return "?"
+
     for item in items:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like section.field=value")
         key, raw = item.split("=", 1)
+        parts = tuple(key.split("."))
+        if not all(p.strip() for p in parts):
+            raise ValueError(f"override {item!r}: key {key!r} has an empty segment; use section.field=value")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
         node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parts[:-1]):
+            child = node.setdefault(p, {})
+            if not isinstance(child, dict):
+                section = ".".join(parts[: i + 1])
+                raise ValueError(
+                    f"conflicting overrides for {section!r}: {setter(parts[: i + 1])!r} sets it to a value, "
+                    f"so {item!r} cannot set {key!r} inside it"
+                )
+            node = child
+        old = node.get(parts[-1])
+        if isinstance(old, dict) and isinstance(value, dict):
+            value = deep_merge(old, value)
+        elif isinstance(old, dict) and any(path[: len(parts)] == parts and len(path) > len(parts) for path in origin):
+            inner = sorted({v for path, v in origin.items() if path[: len(parts)] == parts and len(path) > len(parts)})
+            raise ValueError(
+                f"conflicting overrides for {key!r}: {', '.join(repr(v) for v in inner)} set fields inside it, "
+                f"so {item!r} cannot set it to a value"
+            )
         node[parts[-1]] = value
+        origin[parts] = item
     return out

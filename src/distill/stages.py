@@ -1,32 +1,63 @@
 """The lab's stages (prepare, train teacher / baseline / student, evaluate) as plain functions over folders.
 
 The CLI and the Prefect tasks both call these; outputs are files (safetensors, JSON), never pickles.
+
+A training stage is identified by :func:`stage_fingerprint` (role, model, training config, KD config, data
+and teacher checksums): it is recorded in the stage's config.json and in each of its checkpoints, and a
+stage re-run into a folder of another fingerprint is refused instead of silently resuming the other run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Callable, Literal
 
 import torch
-from safetensors.torch import load_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
 from . import __version__
-from .checkpoint import atomic_write_json, save_tensors_atomic, sha256_file
-from .config import DataConfig, EvalConfig, KDConfig, LabConfig
+from .checkpoint import (
+    CheckpointError,
+    CheckpointMismatch,
+    check_fingerprint,
+    clear_checkpoints,
+    fingerprint_diff,
+    point_latest,
+    retained_checkpoints,
+    save_tensors_atomic,
+)
+from .config import DataConfig, EvalConfig, KDConfig, LabConfig, ModelSpec, TrainConfig
 from .data import load_prepared, prepare_dataset, read_manifest
 from .evaluate import evaluate as _evaluate
+from .files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
 from .models import build_model
-from .train import fit
+from .train import fit, train_fingerprint
 
 log = logging.getLogger("distill.stages")
 
 Role = Literal["teacher", "baseline", "student"]
 ROLES = ("teacher", "baseline", "student")
+
+__all__ = [
+    "ROLES",
+    "CheckpointError",
+    "CheckpointMismatch",
+    "ModelLoadError",
+    "evaluate",
+    "load_model",
+    "manifest_sha256",
+    "point_latest",
+    "prepare",
+    "retained_checkpoints",
+    "stage_fingerprint",
+    "train",
+]
 
 
 def prepare(data_cfg: DataConfig, cache_dir: str | Path | None = None, progress: bool = True) -> dict:
@@ -39,20 +70,156 @@ def prepare(data_cfg: DataConfig, cache_dir: str | Path | None = None, progress:
         test_subset=data_cfg.test_subset,
         expected_classes=data_cfg.expected_classes,
         progress=progress,
+        max_image_side=data_cfg.max_image_side,
     )
     return {"dir": str(prep.dir), "manifest": prep.manifest, "manifest_sha256": prep.manifest_sha256}
 
 
+class ModelLoadError(ValueError):
+    """A model folder that cannot be loaded (missing, truncated or edited files); the message names it."""
+
+
+def _read_model_meta(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        meta = json.loads(path.read_bytes())
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model folder {model_dir}: config.json missing (not a trained model folder?)") from e
+    except OSError as e:
+        raise ModelLoadError(f"model folder {model_dir}: cannot read config.json: {e}") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelLoadError(f"model folder {model_dir}: config.json is not valid JSON (truncated or edited?): {e}") from e
+    ok = (
+        isinstance(meta, dict)
+        and isinstance(meta.get("model"), dict)
+        and isinstance(meta["model"].get("name"), str)
+        and isinstance(meta["model"].get("kwargs", {}), dict)
+        and type(meta.get("num_classes")) is int
+        and isinstance(meta.get("weights_sha256"), str)
+    )
+    if not ok:
+        raise ModelLoadError(f"model folder {model_dir}: config.json lacks model.name, num_classes or weights_sha256")
+    return meta
+
+
 def load_model(model_dir: str | Path) -> nn.Module:
-    """Rebuild a trained model from ``config.json`` + ``model.safetensors`` (no pickle involved)."""
+    """Rebuild a trained model from ``config.json`` + ``model.safetensors`` (no pickle involved). The weights
+    must match the sha256 that config.json records; any defect is a :class:`ModelLoadError` naming the folder."""
     model_dir = Path(model_dir)
-    meta = json.loads((model_dir / "config.json").read_text())
-    model = build_model(meta["model"]["name"], meta["num_classes"], **meta["model"].get("kwargs", {}))
+    meta = _read_model_meta(model_dir)
+    try:
+        model = build_model(meta["model"]["name"], meta["num_classes"], **meta["model"].get("kwargs", {}))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"model folder {model_dir}: config.json describes no buildable model: {e}") from e
     weights = model_dir / "model.safetensors"
-    if meta.get("weights_sha256") and sha256_file(weights) != meta["weights_sha256"]:
-        raise ValueError(f"checksum mismatch for {weights}")
-    model.load_state_dict(load_file(str(weights)))
+    try:
+        blob = weights.read_bytes()
+    except FileNotFoundError as e:
+        raise ModelLoadError(f"model folder {model_dir}: model.safetensors missing") from e
+    except OSError as e:
+        raise ModelLoadError(f"model folder {model_dir}: cannot read model.safetensors: {e}") from e
+    if sha256_bytes(blob) != meta["weights_sha256"]:
+        raise ModelLoadError(
+            f"model folder {model_dir}: checksum mismatch for model.safetensors: sha256 {sha256_bytes(blob)}, "
+            f"config.json says {meta['weights_sha256']} (corrupt or modified file)"
+        )
+    try:
+        model.load_state_dict(load_safetensors_bytes(blob))
+    except (SafetensorError, RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"model folder {model_dir}: model.safetensors does not fit the model in config.json: {e}") from e
     return model.eval()
+
+
+FINGERPRINT_VERSION = 1
+
+
+def _role_config(role: str, cfg: LabConfig) -> tuple[ModelSpec, TrainConfig, str]:
+    if role not in ROLES:
+        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    if role == "teacher":
+        return cfg.teacher, cfg.teacher_train, "teacher_train"
+    return cfg.student, cfg.student_train, "student_train"
+
+
+def stage_fingerprint(
+    role: Role,
+    cfg: LabConfig,
+    *,
+    data_manifest_sha256: str,
+    kd: KDConfig | dict | None = None,
+    teacher_weights_sha256: str | None = None,
+) -> dict:
+    """The JSON document identifying everything that determines a training stage's result; its hash is
+    ``distill.files.sha256_json(doc)`` (canonical JSON, sorted keys). Keys:
+
+    - ``fingerprint_version``: 1 (bumped if the document's shape changes);
+    - ``role``: "teacher" | "baseline" | "student";
+    - ``model``: the role's ModelSpec (``cfg.teacher`` for the teacher, ``cfg.student`` otherwise);
+    - ``train``: the role's TrainConfig (``teacher_train`` / ``student_train``) without the fields that do not
+      change the result (``distill.train.NON_RESULT_FIELDS``: progress display, checkpoint retention);
+    - ``kd``: students only (``kd`` or else ``cfg.kd``), else None;
+    - ``data_manifest_sha256``: :func:`manifest_sha256` of the prepared data folder;
+    - ``teacher_weights_sha256``: students only (required), the teacher's ``weights_sha256``; else None.
+
+    Everything else in ``cfg`` (the other role's settings, sweep, eval, data source paths) is left out, so
+    it is a content address for the stage's work. :func:`train` records it in config.json and in every
+    checkpoint and refuses to resume work of another fingerprint.
+    """
+    spec, tcfg, _ = _role_config(role, cfg)
+    if not (isinstance(data_manifest_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", data_manifest_sha256)):
+        raise ValueError(f"data_manifest_sha256 must be a hex sha256, got {data_manifest_sha256!r}")
+    if role == "student":
+        if not (isinstance(teacher_weights_sha256, str) and re.fullmatch(r"[0-9a-f]{64}", teacher_weights_sha256)):
+            raise ValueError(f"role 'student' needs teacher_weights_sha256 (a hex sha256), got {teacher_weights_sha256!r}")
+        kd = KDConfig.model_validate(kd) if isinstance(kd, dict) else (kd or cfg.kd)
+    return {
+        "fingerprint_version": FINGERPRINT_VERSION,
+        "role": role,
+        "model": spec.model_dump(mode="json"),
+        "train": train_fingerprint(tcfg),
+        "kd": kd.model_dump(mode="json") if role == "student" else None,
+        "data_manifest_sha256": data_manifest_sha256,
+        "teacher_weights_sha256": teacher_weights_sha256 if role == "student" else None,
+    }
+
+
+# what train() writes into out_dir besides checkpoints/ (and evaluate()'s eval_*.json about that model)
+_STAGE_OUTPUTS = ("model.safetensors", "config.json", "metrics.json", "history.json")
+
+
+def _check_batch_size(field: str, tcfg: TrainConfig, n_train: int | None) -> None:
+    if n_train is not None and tcfg.batch_size > n_train:
+        raise ValueError(f"{field}.batch_size ({tcfg.batch_size}) is larger than the training split ({n_train} images)")
+
+
+def _claim_out_dir(out_dir: Path, fingerprint: dict, resume: bool) -> None:
+    """Refuse an out_dir holding another configuration's outputs or checkpoints (resume=True), or wipe them
+    (resume=False)."""
+    ckpts = out_dir / "checkpoints"
+    if not resume:
+        clear_checkpoints(ckpts)
+        for name in _STAGE_OUTPUTS:
+            (out_dir / name).unlink(missing_ok=True)
+        for p in out_dir.glob("eval_*.json"):
+            p.unlink(missing_ok=True)
+        return
+    config = out_dir / "config.json"
+    if config.exists():
+        how = f"Start fresh with --no-resume (resume=False), which deletes its old outputs and checkpoints, or delete {out_dir}."
+        try:
+            old = json.loads(config.read_bytes())
+        except (OSError, ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{config} cannot be read ({e}), so {out_dir} cannot be resumed. {how}") from e
+        if not isinstance(old, dict) or old.get("fingerprint_sha256") != sha256_json(fingerprint):
+            recorded = old.get("fingerprint") if isinstance(old, dict) else None
+            why = ("it differs in " + ", ".join(fingerprint_diff(recorded, fingerprint))) if isinstance(recorded, dict) \
+                else "it records no run fingerprint"
+            raise CheckpointMismatch(f"{out_dir} holds the output of another run configuration ({config}: {why}). {how}")
+    check_fingerprint(ckpts, fingerprint)
+
+
+def _teacher_weights_sha256(teacher_dir: str | Path) -> str:
+    return _read_model_meta(Path(teacher_dir))["weights_sha256"]
 
 
 def train(
@@ -67,18 +234,28 @@ def train(
     on_checkpoint: Callable[[Path, int], None] | None = None,
     resume: bool = True,
 ) -> dict:
-    if role not in ROLES:
-        raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+    """Train one role into ``out_dir`` (model.safetensors, config.json, metrics.json, history.json,
+    checkpoints/). Before any compute: the role's batch_size is checked against the training split, and an
+    out_dir whose outputs or checkpoints belong to another :func:`stage_fingerprint` is refused with
+    :class:`~distill.checkpoint.CheckpointMismatch` (``resume=False`` deletes them and starts over).
+    ``on_checkpoint(folder, epoch)`` runs after each epoch's checkpoint, once old ones are pruned
+    (:func:`distill.checkpoint.retained_checkpoints` lists those kept)."""
+    spec, tcfg, field = _role_config(role, cfg)
     if role == "student" and teacher_dir is None:
         raise ValueError("role 'student' needs teacher_dir (the output folder of the teacher stage)")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_prepared(data_dir)
     manifest = read_manifest(data_dir)
     classes = manifest["classes"]
-    spec = cfg.teacher if role == "teacher" else cfg.student
-    tcfg = cfg.teacher_train if role == "teacher" else cfg.student_train
+    _check_batch_size(field, tcfg, manifest.get("counts", {}).get("train", {}).get("total"))
     kd = (kd or cfg.kd) if role == "student" else None
+    teacher_sha = _teacher_weights_sha256(teacher_dir) if role == "student" else None
+    fingerprint = stage_fingerprint(
+        role, cfg, data_manifest_sha256=manifest_sha256(data_dir), kd=kd, teacher_weights_sha256=teacher_sha
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _claim_out_dir(out_dir, fingerprint, resume)
+    data = load_prepared(data_dir)
+    _check_batch_size(field, tcfg, len(data["train"][1]))
 
     torch.manual_seed(tcfg.seed)  # baseline and student start from the same initial weights
     model = build_model(spec.name, len(classes), **spec.kwargs)
@@ -86,10 +263,15 @@ def train(
     desc = role if kd is None else f"student T={kd.temperature:g} a={kd.alpha:g}"
     t0 = time.perf_counter()
     model, res = fit(
-        model, data, tcfg, teacher=teacher, kd=kd, log_fn=log_fn,
-        ckpt_dir=out_dir / "checkpoints", on_checkpoint=on_checkpoint, resume=resume, desc=desc,
+        model, data, tcfg, teacher=teacher, kd=kd, log_fn=log_fn, ckpt_dir=out_dir / "checkpoints",
+        on_checkpoint=on_checkpoint, resume=resume, desc=desc, fingerprint=fingerprint,
     )
     wall = time.perf_counter() - t0
+    return _write_outputs(out_dir, role, cfg, model, res, wall, fingerprint, classes, spec, tcfg, kd)
+
+
+def _write_outputs(out_dir: Path, role, cfg: LabConfig, model: nn.Module, res, wall: float, fingerprint: dict,
+                   classes: list, spec: ModelSpec, tcfg: TrainConfig, kd: KDConfig | None) -> dict:
     model = model.to("cpu").to(memory_format=torch.contiguous_format)
     weights = out_dir / "model.safetensors"
     save_tensors_atomic(weights, model.state_dict(), metadata={"role": role, "model": spec.name})
@@ -101,10 +283,12 @@ def train(
         "kd": kd.model_dump() if kd else None,
         "train": tcfg.model_dump(),
         "lab": cfg.digest_dict(),
-        "data_manifest_sha256": manifest_sha256(data_dir),
+        "data_manifest_sha256": fingerprint["data_manifest_sha256"],
         "weights_sha256": sha256_file(weights),
         "distill_version": __version__,
-        "teacher_weights_sha256": json.loads((Path(teacher_dir) / "config.json").read_text())["weights_sha256"] if teacher_dir else None,
+        "teacher_weights_sha256": fingerprint["teacher_weights_sha256"],
+        "fingerprint": fingerprint,
+        "fingerprint_sha256": sha256_json(fingerprint),
     }
     atomic_write_json(out_dir / "config.json", meta)
     atomic_write_json(out_dir / "history.json", res.history)

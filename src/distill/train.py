@@ -4,8 +4,10 @@
 - On CUDA: the split lives on the device, augmentation runs there in batch, bf16 autocast and channels_last,
   optional torch.compile (``reduce-overhead`` = CUDA graphs). On CPU the same code runs on CPU tensors.
 - The frozen teacher runs under ``inference_mode`` on exactly the student's augmented batch.
-- A checkpoint after every epoch (model, optimiser, scheduler, RNG states, best-so-far weights, history);
-  a killed run resumes from the last one and ends bit-identical on CPU to an uninterrupted run.
+- A checkpoint after every epoch (model, optimiser, scheduler, RNG states, best-so-far weights, history),
+  stamped with the run's fingerprint; a killed run resumes from the last one and ends bit-identical on CPU to
+  an uninterrupted run, and a checkpoint of another configuration is refused, never resumed. Old checkpoints
+  are pruned (``keep_checkpoints`` last ones plus the best epoch's).
 - Metrics go to a ``log_fn(metrics, step)`` callback; the loop never talks to a tracking server.
 """
 
@@ -22,9 +24,17 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (
+    CheckpointError,
+    CheckpointMismatch,
+    check_fingerprint,
+    clear_checkpoints,
+    load_latest_checkpoint,
+    save_checkpoint,
+)
 from .config import KDConfig, TrainConfig
 from .data import Augment, iterate_batches, normalize
+from .files import sha256_json
 from .losses import get_loss
 
 log = logging.getLogger("distill.train")
@@ -147,6 +157,186 @@ class _Progress:
             self.bar.close()
 
 
+# TrainConfig fields that do not change what a run computes (display, retention): not in its fingerprint.
+NON_RESULT_FIELDS = frozenset({"progress", "keep_checkpoints", "keep_best_checkpoint"})
+
+
+def train_fingerprint(cfg: TrainConfig) -> dict:
+    """The fields of ``cfg`` that determine a run's result (all but :data:`NON_RESULT_FIELDS`), as JSON values."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
+
+
+def fit_fingerprint(model: nn.Module, cfg: TrainConfig, *, teacher: nn.Module | None = None, kd: KDConfig | None = None) -> dict:
+    """The fingerprint :func:`fit` records in its checkpoints when its caller gives none: the model's class and
+    parameter shapes, :func:`train_fingerprint` and (with a teacher) the KD config. ``stages.train`` passes the
+    fuller ``stages.stage_fingerprint`` instead."""
+    shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
+    return {
+        "fit": 1,
+        "model": {"class": type(model).__qualname__, "state_shapes_sha256": sha256_json(shapes)},
+        "train": train_fingerprint(cfg),
+        "kd": (kd or KDConfig()).model_dump(mode="json") if teacher is not None else None,
+    }
+
+
+class _Trainer:
+    """One fit() call: set-up, resume, epochs, checkpoints. Split out of fit() to keep each piece readable."""
+
+    def __init__(self, model, data, cfg: TrainConfig, teacher, kd: KDConfig | None, desc: str):
+        self.rt = rt = resolve_runtime(cfg)
+        self.dev = dev = rt.device
+        self.cfg, self.desc, self.model, self.teacher = cfg, desc, model, teacher
+        self.x_train, self.y_train = (t.to(dev) for t in data["train"])
+        self.x_val, self.y_val = (t.to(dev) for t in data["val"])
+        n = len(self.x_train)
+        if n < cfg.batch_size:
+            raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training split ({n} images)")
+        self.steps_per_epoch = n // cfg.batch_size  # drop_last: static shapes for CUDA graphs
+
+        model.to(dev)
+        if rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher.to(dev).eval()
+            if rt.channels_last:
+                teacher.to(memory_format=torch.channels_last)
+            for p in teacher.parameters():
+                p.requires_grad_(False)
+        self.loss_fn = get_loss(kd.loss) if teacher is not None else get_loss("ce")
+        self.loss_kw = {"temperature": kd.temperature, "alpha": kd.alpha} if teacher is not None else {}
+
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+            **({"fused": True} if dev.type == "cuda" else {}),
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, LRSchedule(cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs, cfg.schedule == "cosine_epoch")
+        )
+        self.augment = Augment()
+        self.result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last, "compile": rt.compile})
+        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.start_epoch = 0
+
+    # --- checkpoints ---------------------------------------------------------------------------------------
+
+    def restore(self, root: Path, fingerprint: dict) -> None:
+        """Resume from ``root/LATEST`` if there is one; a checkpoint of another fingerprint is refused."""
+        try:
+            check_fingerprint(root, fingerprint)
+            loaded = load_latest_checkpoint(root, fingerprint=fingerprint)
+        except CheckpointMismatch:
+            raise
+        except CheckpointError as e:
+            raise CheckpointError(f"{e}. To discard the checkpoints in {root} and start over: --no-resume (resume=False)") from e
+        if loaded is None:
+            return
+        folder, epoch_done, st = loaded
+        if epoch_done > self.cfg.epochs:
+            raise CheckpointMismatch(f"checkpoint {folder} is at epoch {epoch_done}, beyond this run's {self.cfg.epochs} epochs")
+        try:
+            self.model.load_state_dict(st["model"])
+            self.opt.load_state_dict(st["optimizer"])
+            self.sched.load_state_dict(st["scheduler"])
+            _set_rng_state(st["rng"])
+            self.best_state = {k: v.to(self.dev) for k, v in st["best_model"].items()}
+            res = self.result
+            res.history = list(st["history"])
+            res.best_epoch, res.best_val_acc = int(st["best_epoch"]), float(st["best_val_acc"])
+            res.train_seconds = float(st["train_seconds"])
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
+            raise CheckpointError(f"checkpoint {folder}: its state does not fit this model and optimiser: {e!r}") from e
+        self.start_epoch = self.result.resumed_from_epoch = epoch_done
+        log.info("%s: resumed from checkpoint %s (epoch %d of %d)", self.desc, folder, epoch_done, self.cfg.epochs)
+
+    def save(self, root: Path, epoch: int, fingerprint: dict) -> Path:
+        res, cfg = self.result, self.cfg
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "scheduler": self.sched.state_dict(),
+            "rng": _rng_state(),
+            "best_model": self.best_state,
+            "best_epoch": res.best_epoch,
+            "best_val_acc": res.best_val_acc,
+            "history": res.history,
+            "train_seconds": res.train_seconds,
+        }
+        pinned = [res.best_epoch] if cfg.keep_best_checkpoint and res.best_epoch else []
+        return save_checkpoint(root, epoch, state, fingerprint=fingerprint, keep_last=cfg.keep_checkpoints, keep_epochs=pinned)
+
+    # --- training ------------------------------------------------------------------------------------------
+
+    def make_step(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]:
+        rt, dev, model, teacher = self.rt, self.dev, self.model, self.teacher
+        fwd, tfwd = model, teacher
+        if rt.compile != "off":
+            fwd = torch.compile(model, mode=rt.compile)
+            if teacher is not None:
+                tfwd = torch.compile(teacher, mode=rt.compile)
+        cuda_graphs = rt.compile == "reduce-overhead" and dev.type == "cuda"
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
+        opt, sched, augment, loss_fn, loss_kw = self.opt, self.sched, self.augment, self.loss_fn, self.loss_kw
+
+        def step(xb_u8: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+            if cuda_graphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            xb = augment(xb_u8, g)
+            if rt.channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            t_logits = None
+            if tfwd is not None:
+                with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
+                    t_logits = tfwd(xb).float()
+                t_logits = t_logits.clone()  # a normal tensor, usable by autograd-tracked ops
+            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
+                s_logits = fwd(xb)
+            loss = loss_fn(s_logits, t_logits, yb, **loss_kw)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            return loss.detach()
+
+        return step
+
+    def train_epoch(self, epoch: int, step, progress: _Progress) -> tuple[float, float, float]:
+        """One pass over the training split: (mean train loss, lr at the epoch's start, seconds)."""
+        cfg, dev = self.cfg, self.dev
+        self.model.train()
+        g = _epoch_generator(cfg.seed, epoch, dev)
+        loss_sum = torch.zeros((), device=dev)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        lr_epoch = self.opt.param_groups[0]["lr"]
+        batches = iterate_batches(self.x_train, self.y_train, cfg.batch_size, shuffle=True, drop_last=True, generator=g)
+        for i, (xb, yb) in enumerate(batches):
+            loss_sum += step(xb, yb, g)
+            if progress.bar is not None and (i % 20 == 0 or i == self.steps_per_epoch - 1):
+                progress.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{(loss_sum / (i + 1)).item():.3f}")
+            else:
+                progress.update(1)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        train_loss = float((loss_sum / self.steps_per_epoch).item())
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{self.desc}: training loss is {train_loss} at epoch {epoch + 1}; lower the lr")
+        return train_loss, float(lr_epoch), dt
+
+    def validate(self, epoch: int) -> tuple[float, float]:
+        """(val accuracy, val loss); remembers the weights of the best epoch so far."""
+        val_logits = predict(self.model, self.x_val, self.rt, self.cfg.eval_batch_size)
+        val_acc = float((val_logits.argmax(1) == self.y_val).float().mean().item())
+        val_loss = float(torch.nn.functional.cross_entropy(val_logits, self.y_val).item())
+        res = self.result
+        if val_acc > res.best_val_acc or not res.history:
+            res.best_val_acc, res.best_epoch = val_acc, epoch + 1
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return val_acc, val_loss
+
+
 def fit(
     model: nn.Module,
     data: dict[str, tuple[torch.Tensor, torch.Tensor]],
@@ -159,131 +349,49 @@ def fit(
     on_checkpoint: Callable[[Path, int], None] | None = None,
     resume: bool = True,
     desc: str = "train",
+    fingerprint: dict | None = None,
 ) -> tuple[nn.Module, FitResult]:
     """Train ``model`` on ``data["train"]``, select on ``data["val"]``; returns the best-on-validation model.
 
     With ``teacher`` the loss is ``kd.loss`` (default Hinton KD); without, plain cross-entropy.
-    """
-    rt = resolve_runtime(cfg)
-    dev = rt.device
-    x_train, y_train = (t.to(dev) for t in data["train"])
-    x_val, y_val = (t.to(dev) for t in data["val"])
-    n = len(x_train)
-    if n < cfg.batch_size:
-        raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training split ({n} images)")
-    steps_per_epoch = n // cfg.batch_size  # drop_last: static shapes for CUDA graphs
 
-    model.to(dev)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
+    With ``ckpt_dir``, a checkpoint is written after every epoch, recording ``fingerprint`` (default
+    :func:`fit_fingerprint`); then the last ``cfg.keep_checkpoints`` (plus, with ``cfg.keep_best_checkpoint``,
+    the best epoch's) are kept and ``on_checkpoint(folder, epoch)`` is called. ``resume=True`` continues from
+    ``ckpt_dir/LATEST`` and raises :class:`~distill.checkpoint.CheckpointMismatch` if the checkpoints there
+    belong to another fingerprint; ``resume=False`` deletes them and starts over.
+    """
     if teacher is not None:
         kd = kd or KDConfig()
-        teacher.to(dev).eval()
-        if rt.channels_last:
-            teacher.to(memory_format=torch.channels_last)
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    loss_fn = get_loss(kd.loss) if teacher is not None else get_loss("ce")
-    loss_kw = {"temperature": kd.temperature, "alpha": kd.alpha} if teacher is not None else {}
-
-    opt = torch.optim.SGD(
-        model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-        **({"fused": True} if dev.type == "cuda" else {}),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, LRSchedule(cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.schedule == "cosine_epoch")
-    )
-    augment = Augment()
-
-    result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last, "compile": rt.compile})
-    best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    start_epoch = 0
     ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
-    if ckpt_root is not None and resume and (folder := latest_checkpoint(ckpt_root)) is not None:
-        epoch_done, st = load_checkpoint(folder)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        _set_rng_state(st["rng"])
-        best_state = {k: v.to(dev) for k, v in st["best_model"].items()}
-        result.history = list(st["history"])
-        result.best_epoch, result.best_val_acc = st["best_epoch"], st["best_val_acc"]
-        result.train_seconds = st["train_seconds"]
-        start_epoch = result.resumed_from_epoch = epoch_done
-        log.info("%s: resumed from checkpoint %s (epoch %d of %d)", desc, folder, epoch_done, cfg.epochs)
-
-    fwd = model
-    tfwd = teacher
-    if rt.compile != "off":
-        fwd = torch.compile(model, mode=rt.compile)
-        if teacher is not None:
-            tfwd = torch.compile(teacher, mode=rt.compile)
-
-    cuda_graphs = rt.compile == "reduce-overhead" and dev.type == "cuda"
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
-
-    def step(xb_u8: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        if cuda_graphs:
-            torch.compiler.cudagraph_mark_step_begin()
-        xb = augment(xb_u8, g)
-        if rt.channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        t_logits = None
-        if tfwd is not None:
-            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
-                t_logits = tfwd(xb).float()
-            t_logits = t_logits.clone()  # a normal tensor, usable by autograd-tracked ops
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
-            s_logits = fwd(xb)
-        loss = loss_fn(s_logits, t_logits, yb, **loss_kw)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        return loss.detach()
-
-    total_steps = (cfg.epochs - start_epoch) * steps_per_epoch
-    progress = _Progress(cfg.progress, total_steps, desc)
+    if ckpt_root is not None and fingerprint is None:
+        fingerprint = fit_fingerprint(model, cfg, teacher=teacher, kd=kd)
+    tr = _Trainer(model, data, cfg, teacher, kd, desc)
+    if ckpt_root is not None:
+        if resume:
+            tr.restore(ckpt_root, fingerprint)
+        else:
+            clear_checkpoints(ckpt_root)
+    step = tr.make_step()
+    result, start_epoch, rt = tr.result, tr.start_epoch, tr.rt
+    steps_per_epoch = tr.steps_per_epoch
+    progress = _Progress(cfg.progress, (cfg.epochs - start_epoch) * steps_per_epoch, desc)
     images_seen, time_in_loop = 0, 0.0
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            model.train()
-            g = _epoch_generator(cfg.seed, epoch, dev)
-            loss_sum = torch.zeros((), device=dev)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            lr_epoch = opt.param_groups[0]["lr"]
-            for i, (xb, yb) in enumerate(iterate_batches(x_train, y_train, cfg.batch_size, shuffle=True, drop_last=True, generator=g)):
-                loss_sum += step(xb, yb, g)
-                if progress.bar is not None and (i % 20 == 0 or i == steps_per_epoch - 1):
-                    progress.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{(loss_sum / (i + 1)).item():.3f}")
-                else:
-                    progress.update(1)
-            if dev.type == "cuda":
-                torch.cuda.synchronize()
-            dt = time.perf_counter() - t0
+            train_loss, lr_epoch, dt = tr.train_epoch(epoch, step, progress)
             if not (rt.compile != "off" and epoch == start_epoch and cfg.epochs - start_epoch > 1):
                 # steady-state speed: the first epoch of a compiled run pays for compilation / graph capture
                 time_in_loop += dt
                 images_seen += steps_per_epoch * cfg.batch_size
             result.train_seconds += dt
-            train_loss = float((loss_sum / steps_per_epoch).item())
-            if not math.isfinite(train_loss):
-                raise FloatingPointError(f"{desc}: training loss is {train_loss} at epoch {epoch + 1}; lower the lr")
-            val_logits = predict(model, x_val, rt, cfg.eval_batch_size)
-            val_acc = float((val_logits.argmax(1) == y_val).float().mean().item())
-            val_loss = float(torch.nn.functional.cross_entropy(val_logits, y_val).item())
-            if val_acc > result.best_val_acc or not result.history:
-                result.best_val_acc, result.best_epoch = val_acc, epoch + 1
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            val_acc, val_loss = tr.validate(epoch)
             row = {
                 "epoch": epoch + 1,
                 "train_loss": train_loss,
                 "val_acc": val_acc,
                 "val_loss": val_loss,
-                "lr": float(lr_epoch),
+                "lr": lr_epoch,
                 "epoch_seconds": dt,
                 "images_per_second": steps_per_epoch * cfg.batch_size / dt,
             }
@@ -293,21 +401,7 @@ def fit(
                 f"({row['images_per_second']:.0f} img/s)"
             )
             if ckpt_root is not None:
-                folder = save_checkpoint(
-                    ckpt_root,
-                    epoch + 1,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(),
-                        "rng": _rng_state(),
-                        "best_model": best_state,
-                        "best_epoch": result.best_epoch,
-                        "best_val_acc": result.best_val_acc,
-                        "history": result.history,
-                        "train_seconds": result.train_seconds,
-                    },
-                )
+                folder = tr.save(ckpt_root, epoch + 1, fingerprint)  # pruned already
                 if on_checkpoint is not None:
                     on_checkpoint(folder, epoch + 1)
             if log_fn is not None:
@@ -316,5 +410,5 @@ def fit(
         progress.close()
     result.epochs_run = cfg.epochs - start_epoch
     result.images_per_second = images_seen / time_in_loop if time_in_loop > 0 else 0.0
-    model.load_state_dict(best_state)
+    model.load_state_dict(tr.best_state)
     return model, result
