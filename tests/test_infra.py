@@ -534,9 +534,9 @@ def test_dockerfile():
     assert base.startswith(("python:3.11", "nvidia/cuda:")), base
     runs = " ".join(rest for op, rest in ins if op == "RUN")
     assert "pip install torch==2.14.1 torchvision==0.29.1" in runs
-    assert 'pip install ".[pipeline]"' in runs
+    assert 'pip install ".[pipeline,lm]"' in runs  # the GPU image runs every kind: transformers for LMs
     # torch goes in before the project (its own cached layer)
-    assert runs.index("torch==2.14.1") < runs.index('".[pipeline]"')
+    assert runs.index("torch==2.14.1") < runs.index('".[pipeline,lm]"')
     users = [rest for op, rest in ins if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
     assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN"), "USER must follow the last RUN"

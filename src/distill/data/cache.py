@@ -12,16 +12,15 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..files import atomic_write_bytes, fsync_dir, sha256_bytes, sha256_file, sha256_json
+from ..files import atomic_write_bytes, sha256_bytes, sha256_file, sha256_json
+from ..cachedir import check_int, clean_stale_tmp, manifest_bytes, publish, remove_tree
 from .collect import check_class_count, check_expected_classes
 from .common import ARRAY_FILES, FORMAT_VERSION, MANIFEST_NAME, SPLITS, DataError
 from .decode import DEFAULT_MAX_IMAGE_SIDE
@@ -40,16 +39,8 @@ class PreparedData:
     manifest_sha256: str  # sha256 of manifest.json exactly as written (canonical JSON bytes)
 
 
-def _manifest_bytes(manifest: dict) -> bytes:
-    """Canonical JSON encoding of the manifest (what manifest.json holds, byte for byte)."""
-    return (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def _check_int(name: str, value, *, minimum: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,30 +165,10 @@ def _write_npy(path: Path, arr: np.ndarray) -> dict:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def _remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)
 
 
-def _discard_broken(final: Path) -> None:
-    """Move a broken cache folder out of the way (atomically), then delete it."""
-    if not final.exists():
-        return
-    aside = final.with_name(f".broken-{final.name}-{os.getpid()}-{time.time_ns()}")
-    try:
-        os.rename(final, aside)
-    except OSError:
-        return  # someone else moved or replaced it
-    _remove_tree(aside)
 
 
-def _clean_stale_tmp(cache_dir: Path, key16: str, max_age_s: float = 24 * 3600) -> None:
-    now = time.time()
-    for p in cache_dir.glob(f".tmp-{key16}-*"):
-        try:
-            if now - p.stat().st_mtime > max_age_s:
-                _remove_tree(p)
-        except OSError:
-            pass
 
 
 def _write_folder(tmp: Path, out: dict, manifest_head: dict, classes: list[str]) -> bytes:
@@ -218,28 +189,11 @@ def _write_folder(tmp: Path, out: dict, manifest_head: dict, classes: list[str])
         },
         "files": files,
     }
-    data = _manifest_bytes(manifest)
+    data = manifest_bytes(manifest)
     atomic_write_bytes(tmp / MANIFEST_NAME, data)
     return data
 
 
-def _publish(tmp: Path, final: Path, params: dict) -> PreparedData | None:
-    """Rename ``tmp`` to ``final``; if another process got there first, its verified result (else None)."""
-    for attempt in range(2):
-        try:
-            os.rename(tmp, final)
-            fsync_dir(final.parent)
-            return None
-        except OSError:
-            # Another process finished first: use its result if it verifies.
-            theirs = _try_cache_hit(final, params)
-            if theirs is not None:
-                _remove_tree(tmp)
-                return theirs
-            if attempt:
-                raise
-            _discard_broken(final)
-    raise AssertionError("unreachable")
 
 
 def _check_prepared(manifest: dict, where: str, expected_classes, max_image_side: int) -> None:
@@ -282,11 +236,11 @@ def prepare_dataset(
     """
     if max_image_side is None:
         max_image_side = DEFAULT_MAX_IMAGE_SIDE
-    _check_int("val_size", val_size, minimum=1)
-    _check_int("split_seed", split_seed, minimum=0)
-    _check_int("train_subset", train_subset, minimum=1, allow_none=True)
-    _check_int("test_subset", test_subset, minimum=1, allow_none=True)
-    _check_int("max_image_side", max_image_side, minimum=1)
+    check_int("val_size", val_size, minimum=1, error=DataError)
+    check_int("split_seed", split_seed, minimum=0, error=DataError)
+    check_int("train_subset", train_subset, minimum=1, allow_none=True, error=DataError)
+    check_int("test_subset", test_subset, minimum=1, allow_none=True, error=DataError)
+    check_int("max_image_side", max_image_side, minimum=1, error=DataError)
     source = resolve_source(source)
     cache_dir = Path(cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -303,7 +257,7 @@ def prepare_dataset(
         log.info("data cache hit: %s", final)
         return hit
 
-    _clean_stale_tmp(cache_dir, key[:16])
+    clean_stale_tmp(cache_dir, key[:16])
     classes, arrays = decode_source(src, progress, max_image_side)
     check_expected_classes(classes, expected_classes, src.display)
     check_class_count(classes, src.display)
@@ -321,9 +275,9 @@ def prepare_dataset(
     try:
         head = {**params, "source": src.display, "cache_key": key}
         data = _write_folder(tmp, out, head, classes)
-        theirs = _publish(tmp, final, params)
+        theirs = publish(tmp, final, lambda: _try_cache_hit(final, params))
     except BaseException:
-        _remove_tree(tmp)
+        remove_tree(tmp)
         raise
     if theirs is not None:
         return theirs
