@@ -18,16 +18,56 @@ from typing import Callable, Optional, TypeVar
 
 import numpy as np
 
-from .files import fsync_dir
+from .files import fsync_dir, sha256_file
 
 T = TypeVar("T")
 
-__all__ = ["check_int", "clean_stale_tmp", "discard_broken", "manifest_bytes", "publish", "remove_tree"]
+MANIFEST_NAME = "manifest.json"
+
+__all__ = ["check_int", "clean_stale_tmp", "discard_broken", "manifest_bytes", "publish", "read_manifest_json",
+           "remove_tree", "verify_listed_file"]
 
 
 def manifest_bytes(manifest: dict) -> bytes:
     """Canonical JSON encoding of a manifest (what manifest.json holds, byte for byte)."""
     return (json.dumps(manifest, sort_keys=True, indent=2, ensure_ascii=True) + "\n").encode("ascii")
+
+
+def read_manifest_json(dir: str | os.PathLike, *, what: str, label: str, error: type[Exception] = ValueError) -> dict:
+    """``dir/manifest.json`` as a dict with a ``files`` mapping; any defect is one ``error`` naming the file.
+    ``what`` names the folder ("prepared data folder"), ``label`` the manifest ("data")."""
+    path = Path(dir) / MANIFEST_NAME
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as e:
+        raise error(f"{path} missing: not a {what}") from e
+    except OSError as e:
+        raise error(f"cannot read {path}: {e}") from e
+    try:
+        manifest = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise error(f"{path} is not a distill {label} manifest")
+    return manifest
+
+
+def verify_listed_file(dir: Path, manifest: dict, name: str, *, error: type[Exception] = ValueError) -> None:
+    """Check ``dir/name`` against its manifest entry (size first, then sha256); ``error`` names the file."""
+    path = dir / name
+    entry = manifest["files"].get(name)
+    if not isinstance(entry, dict):
+        raise error(f"{dir / MANIFEST_NAME} does not list {name}")
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as e:
+        raise error(f"{path} missing") from e
+    if size != entry.get("bytes"):
+        raise error(f"size mismatch for {path}: {size} bytes, manifest says {entry.get('bytes')}")
+    digest = sha256_file(path)
+    if digest != entry.get("sha256"):
+        raise error(f"checksum mismatch for {path}: sha256 {digest}, manifest says {entry.get('sha256')} "
+                    "(corrupt or modified file)")
 
 
 def check_int(name: str, value, *, minimum: int, allow_none: bool = False, error: type[Exception] = ValueError) -> None:

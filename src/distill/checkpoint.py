@@ -439,6 +439,18 @@ def load_checkpoint(
     return manifest["epoch"], state
 
 
+def resume_checkpoint(root: str | Path, fingerprint: dict, *, fresh_hint: str):
+    """:func:`check_fingerprint` then :func:`load_latest_checkpoint` (``None`` when there is none). A checkpoint
+    of another fingerprint raises :class:`CheckpointMismatch`; any other defect is a :class:`CheckpointError`
+    that ends with how to start fresh (``fresh_hint``)."""
+    try:
+        check_fingerprint(root, fingerprint)
+        return load_latest_checkpoint(root, fingerprint=fingerprint)
+    except CheckpointMismatch:
+        raise
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}. To discard the checkpoints in {root} and start over: {fresh_hint}") from e
+
 def load_latest_checkpoint(root: str | Path, *, fingerprint: dict | None = None) -> tuple[Path, int, dict] | None:
     """``(folder, epoch, state)`` of the checkpoint ``root/LATEST`` names, fully verified; None without a pointer."""
     root = Path(root)

@@ -27,9 +27,8 @@ from torch import nn
 from .checkpoint import (
     CheckpointError,
     CheckpointMismatch,
-    check_fingerprint,
+    resume_checkpoint,
     clear_checkpoints,
-    load_latest_checkpoint,
     save_checkpoint,
 )
 from .config import KDConfig, TrainConfig
@@ -221,13 +220,7 @@ class _Trainer:
 
     def restore(self, root: Path, fingerprint: dict) -> None:
         """Resume from ``root/LATEST`` if there is one; a checkpoint of another fingerprint is refused."""
-        try:
-            check_fingerprint(root, fingerprint)
-            loaded = load_latest_checkpoint(root, fingerprint=fingerprint)
-        except CheckpointMismatch:
-            raise
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}. To discard the checkpoints in {root} and start over: --no-resume (resume=False)") from e
+        loaded = resume_checkpoint(root, fingerprint, fresh_hint="--no-resume (resume=False)")
         if loaded is None:
             return
         folder, epoch_done, st = loaded

@@ -20,7 +20,9 @@ import numpy as np
 import torch
 
 from ..files import atomic_write_bytes, sha256_bytes, sha256_file, sha256_json
-from ..cachedir import check_int, clean_stale_tmp, manifest_bytes, publish, remove_tree
+from ..cachedir import (
+    check_int, clean_stale_tmp, manifest_bytes, publish, read_manifest_json, remove_tree, verify_listed_file,
+)
 from .collect import check_class_count, check_expected_classes
 from .common import ARRAY_FILES, FORMAT_VERSION, MANIFEST_NAME, SPLITS, DataError
 from .decode import DEFAULT_MAX_IMAGE_SIDE
@@ -49,40 +51,12 @@ class PreparedData:
 
 
 def read_manifest(dir: str | Path) -> dict:
-    path = Path(dir) / MANIFEST_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"{path} missing: not a prepared data folder") from e
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from e
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
-        raise DataError(f"{path} is not a distill data manifest")
-    return manifest
+    return read_manifest_json(dir, what="prepared data folder", label="data", error=DataError)
 
 
 def _verify_files(dir: Path, manifest: dict) -> None:
-    files = manifest["files"]
-    missing = [f for f in ARRAY_FILES if f not in files]
-    if missing:
-        raise DataError(f"{dir / MANIFEST_NAME} does not list {missing[0]}")
     for name in ARRAY_FILES:
-        path = dir / name
-        entry = files[name]
-        try:
-            size = path.stat().st_size
-        except FileNotFoundError as e:
-            raise DataError(f"{path} missing") from e
-        if size != entry.get("bytes"):
-            raise DataError(f"size mismatch for {path}: {size} bytes, manifest says {entry.get('bytes')}")
-        digest = sha256_file(path)
-        if digest != entry.get("sha256"):
-            raise DataError(f"checksum mismatch for {path}: sha256 {digest}, manifest says "
-                            f"{entry.get('sha256')} (corrupt or modified file)")
+        verify_listed_file(dir, manifest, name, error=DataError)
 
 
 def _load_split(dir: Path, manifest: dict, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,7 +64,9 @@ import torch
 
 from ..data import DataError
 from ..files import atomic_write_bytes, sha256_bytes, sha256_file, sha256_json
-from ..cachedir import check_int, clean_stale_tmp, manifest_bytes, publish, remove_tree
+from ..cachedir import (
+    check_int, clean_stale_tmp, manifest_bytes, publish, read_manifest_json, remove_tree, verify_listed_file,
+)
 
 __all__ = [
     "FORMAT_VERSION",
@@ -303,18 +305,8 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 def read_text_manifest(dir: str | os.PathLike) -> dict:
     path = Path(dir) / MANIFEST_NAME
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as e:
-        raise DataError(f"{path} missing: not a prepared text folder") from e
-    except OSError as e:
-        raise DataError(f"cannot read {path}: {e}") from e
-    try:
-        manifest = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} is not valid JSON: {e}") from e
-    if not isinstance(manifest, dict) or manifest.get("kind") != KIND or not isinstance(manifest.get("files"), dict) \
-            or not isinstance(manifest.get("splits"), dict):
+    manifest = read_manifest_json(dir, what="prepared text folder", label="text-data", error=DataError)
+    if manifest.get("kind") != KIND or not isinstance(manifest.get("splits"), dict):
         raise DataError(f"{path} is not a distill text-data manifest")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(f"{path} has format_version {manifest.get('format_version')}, expected {FORMAT_VERSION}: "
@@ -328,20 +320,7 @@ def _split_files(manifest: dict, split: str) -> list[str]:
 
 
 def _verify_file(dir: Path, manifest: dict, name: str) -> None:
-    path = dir / name
-    entry = manifest["files"].get(name)
-    if not isinstance(entry, dict):
-        raise DataError(f"{dir / MANIFEST_NAME} does not list {name}")
-    try:
-        size = path.stat().st_size
-    except FileNotFoundError as e:
-        raise DataError(f"{path} missing") from e
-    if size != entry.get("bytes"):
-        raise DataError(f"size mismatch for {path}: {size} bytes, manifest says {entry.get('bytes')}")
-    digest = sha256_file(path)
-    if digest != entry.get("sha256"):
-        raise DataError(f"checksum mismatch for {path}: sha256 {digest}, manifest says {entry.get('sha256')} "
-                        "(corrupt or modified file)")
+    verify_listed_file(dir, manifest, name, error=DataError)
 
 
 def _verify_all(dir: Path, manifest: dict) -> None:

@@ -51,9 +51,8 @@ def gap_closed(teacher_ppl: float, student_ppl: float, start_ppl: float) -> floa
     return float((start_ppl - student_ppl) / gap)
 
 
-def model_size(model: nn.Module) -> tuple[int, float]:
-    """(parameter count, size in MB of its safetensors serialisation: shared tensors counted once)."""
-    params = sum(p.numel() for p in model.parameters())
+def state_bytes(model: nn.Module) -> bytes:
+    """The model's state dict serialised as safetensors, shared (tied) tensors once, keys sorted."""
     seen, tensors = set(), {}
     for k, v in model.state_dict().items():
         key = (v.data_ptr(), v.dtype, tuple(v.shape))
@@ -61,7 +60,13 @@ def model_size(model: nn.Module) -> tuple[int, float]:
             continue
         seen.add(key)
         tensors[k] = v.detach().cpu().contiguous()
-    return int(params), len(save_safetensors_bytes(tensors)) / 1e6
+    return save_safetensors_bytes(dict(sorted(tensors.items())))
+
+
+def model_size(model: nn.Module) -> tuple[int, float]:
+    """(parameter count, size in MB of its safetensors serialisation: shared tensors counted once)."""
+    params = sum(p.numel() for p in model.parameters())
+    return int(params), len(state_bytes(model)) / 1e6
 
 
 @torch.inference_mode()

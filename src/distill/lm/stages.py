@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
 import torch
-from safetensors.torch import save as save_safetensors_bytes
 from torch import nn
 
 from .. import __version__
 from ..checkpoint import CheckpointError, CheckpointMismatch, check_fingerprint, clear_checkpoints, fingerprint_diff
 from ..files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
 from .data import load_blocks, read_text_manifest, tokenizer_identity
-from .evaluate import evaluate_lm, model_size
+from .evaluate import evaluate_lm, model_size, state_bytes
 from .prune import count_params, prune
 from .train import LMKDConfig, LMTrainConfig, fit_lm, lm_train_fingerprint
 
@@ -111,14 +110,7 @@ def check_same_tokenizer(a: Any, b: Any, *, names: tuple[str, str] = ("teacher",
 
 def _weights_sha256(model: nn.Module) -> str:
     """sha256 of the state dict serialised as safetensors (shared tensors once, sorted keys)."""
-    seen, tensors = set(), {}
-    for k, v in model.state_dict().items():
-        key = (v.data_ptr(), v.dtype, tuple(v.shape))
-        if key in seen:
-            continue
-        seen.add(key)
-        tensors[k] = v.detach().cpu().contiguous()
-    return sha256_bytes(save_safetensors_bytes(dict(sorted(tensors.items()))))
+    return sha256_bytes(state_bytes(model))
 
 
 def _folder_weights_sha256(folder: Path) -> str:

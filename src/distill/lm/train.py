@@ -76,9 +76,8 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 from ..checkpoint import (
     CheckpointError,
     CheckpointMismatch,
-    check_fingerprint,
+    resume_checkpoint,
     clear_checkpoints,
-    load_latest_checkpoint,
     save_checkpoint,
 )
 from ..files import sha256_json
@@ -415,13 +414,7 @@ class _LMTrainer:
     # --- checkpoints -----------------------------------------------------------------------------------------
 
     def restore(self, root: Path, fingerprint: dict) -> None:
-        try:
-            check_fingerprint(root, fingerprint)
-            loaded = load_latest_checkpoint(root, fingerprint=fingerprint)
-        except CheckpointMismatch:
-            raise
-        except CheckpointError as e:
-            raise CheckpointError(f"{e}. To discard the checkpoints in {root} and start over: resume=False") from e
+        loaded = resume_checkpoint(root, fingerprint, fresh_hint="resume=False")
         if loaded is None:
             return
         folder, step_done, st = loaded
