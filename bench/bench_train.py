@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Side-by-side throughput: the seed's training loop (bench/seed_loop.py) vs our trainer (distill.train.fit).
+"""Side-by-side throughput: the seed's training loop (bench/seed_loop.py) vs our trainer (distill.image.train.fit).
 
 For each stage (baseline = student with hard labels, distill = student + frozen teacher, teacher = the teacher
 with hard labels) and each repeat, the two loops run in the same process, one after the other, in alternating
@@ -43,17 +43,17 @@ import numpy as np
 import torch
 import torchvision
 
-from distill.config import KDConfig, TrainConfig
-from distill.losses import get_loss
-from distill.models import build_model, count_parameters
-from distill.train import fit
+from distill.image.config import KDConfig, TrainConfig
+from distill.image.losses import get_loss
+from distill.image.models import build_model, count_parameters
+from distill.image.train import fit
 
 import seed_loop
 
 STAGES = ("baseline", "distill", "teacher")
 COMPILE_MODES = ("off", "default", "reduce-overhead")
 MODEL_SETS = {
-    # the seed's models: CIFAR ResNet-18 student, CIFAR ResNet-34 teacher (distill.models, shared by both loops)
+    # the seed's models: CIFAR ResNet-18 student, CIFAR ResNet-34 teacher (distill.image.models, shared by both loops)
     "seed": {"student": ("resnet18", {}), "teacher": ("resnet34", {})},
     # CPU-sized: the smoke preset's models
     "small": {"student": ("resnet_small", {"width": 8, "depth": 1}), "teacher": ("resnet_small", {"width": 16, "depth": 1})},

@@ -19,7 +19,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
-from distill.config import KDConfig, LabConfig
+from distill.image.config import KDConfig, LabConfig
 from distill.files import sha256_json
 from tasks.lab import (
     INTEGRITY_MARKERS, TrainJob, git_commit, not_integrity_error, prefect_run_alive, prepare_data, stage_key, stage_result, work_dir,

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from distill.config import LabConfig, load_profile
+from distill.image.config import LabConfig, load_profile
 
 # The experiment name is also the prefix of the registered models (<experiment>-teacher|baseline|student)
 # and appears in MLflow search filters and store keys: a plain token, checked before anything runs.

@@ -1,9 +1,9 @@
 """Thin Prefect tasks over the compute core. They move files between the store and a local work folder,
-call ``distill.stages``, and return small references (store keys, metric dicts), never tensors.
+call ``distill.image.stages``, and return small references (store keys, metric dicts), never tensors.
 
 Stage work is keyed by what determines its result, not by the flow run that asked for it: a stage's store
 prefix is ``stages/<key>`` where ``key`` hashes the stage fingerprint (role, model, training config, KD
-config, data manifest, teacher weights; :func:`distill.stages.stage_fingerprint`) and the sha256 of the
+config, data manifest, teacher weights; :func:`distill.image.stages.stage_fingerprint`) and the sha256 of the
 core's source. So a re-run of the same work (a killed ``distill run``, a retried deployment run, a second
 flow run asking for the same teacher) finds the checkpoints and outputs of the earlier attempt and resumes
 or reuses them. One stage key is worked on by one process at a time (a lease lock in the store).
@@ -31,9 +31,9 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, Field, field_validator
 
 import distill
-from distill import stages
+from distill.image import stages
 from distill.checkpoint import CheckpointError, load_checkpoint, retained_checkpoints
-from distill.config import KDConfig, LabConfig
+from distill.image.config import KDConfig, LabConfig
 from distill.files import contained_path, sha256_json
 
 from .secrets import redact_text

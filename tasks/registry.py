@@ -8,8 +8,8 @@ from typing import Any, Callable
 import numpy as np
 from prefect import task
 
-from distill import stages
-from distill.data import load_prepared, normalize
+from distill.image import stages
+from distill.image.data import load_prepared, normalize
 
 from .lab import _logger, fetch_dir
 from .storage import Store, open_store

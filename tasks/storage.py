@@ -202,13 +202,13 @@ class LockTimeout(StoreError):
         return (type(self), (self.name, self.timeout, self._where, self.holder))
 
 
-_CORE_INTEGRITY = {("distill.checkpoint", "CheckpointError"), ("distill.data", "DataError")}
+_CORE_INTEGRITY = {("distill.checkpoint", "CheckpointError"), ("distill.image.data", "DataError")}
 
 
 def is_integrity_error(exc: BaseException | None) -> bool:
     """True if ``exc`` (or an exception it was explicitly raised ``from``) means bad bytes rather than a
     passing fault: :class:`IntegrityError` (:class:`ChecksumMismatch`, ...), ``distill.checkpoint
-    .CheckpointError`` and ``distill.data.DataError`` (recognised by class, without importing the compute
+    .CheckpointError`` and ``distill.image.data.DataError`` (recognised by class, without importing the compute
     core).  For a Prefect ``retry_condition_fn``: such a failure fails at once instead of being retried."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:

@@ -1,7 +1,7 @@
 """Tiny generated image datasets for tests (no network, a few milliseconds).
 
 ``make_imagefolder(root, ...)`` writes random JPEGs (or PNGs) in one of the layouts that
-``distill.data.prepare_dataset`` accepts and returns the source to pass to it:
+``distill.image.data.prepare_dataset`` accepts and returns the source to pass to it:
 
 - ``as_tarballs=False`` (default): ``root/train/<class>/NNNN.jpg`` and ``root/test/<class>/...``;
   returns ``root``.

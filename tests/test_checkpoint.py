@@ -168,7 +168,7 @@ def test_restored_folder_can_be_pointed_at_again(tmp_path):
     assert (tmp_path / "LATEST").read_text() == expected
     with pytest.raises(CheckpointError):
         point_latest(tmp_path, "../epoch-0003")
-    from distill import stages
+    from distill.image import stages
 
     assert stages.point_latest is point_latest
 

@@ -80,7 +80,7 @@ def _one_line_errors(err: str, n: int = 1) -> list[str]:
 
 def test_student_without_teacher_is_rejected(tmp_path, capsys, monkeypatch):
     """Refused in argument handling: exit 2, one line, before the config is built or any stage runs."""
-    from distill import stages
+    from distill.image import stages
 
     monkeypatch.setattr(stages, "train", lambda *a, **k: pytest.fail("a stage ran"))
     rc = main(["stage", "train", "--role", "student", "--data", str(tmp_path), "--out", str(tmp_path / "x"),
@@ -121,9 +121,9 @@ def test_user_errors_are_one_line_and_exit_2(argv, needle, n, capsys):
 
 
 def test_stage_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
-    from distill import stages
+    from distill.image import stages
     from distill.checkpoint import CheckpointError, CheckpointMismatch
-    from distill.stages import ModelLoadError
+    from distill.image.stages import ModelLoadError
 
     # a folder that is no prepared data set (DataError)
     assert main(["stage", "train", "--role", "teacher", "--data", str(tmp_path), "--out", str(tmp_path / "o")]) == 2

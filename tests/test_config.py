@@ -3,7 +3,7 @@ import warnings
 import pytest
 from pydantic import ValidationError
 
-from distill.config import PRESETS, LabConfig, load_profile, parse_overrides
+from distill.image.config import PRESETS, LabConfig, load_profile, parse_overrides
 
 
 def test_presets_build():
@@ -121,7 +121,7 @@ def test_json_infinity_from_set_is_refused():
 
 
 def test_sweep_members_take_the_kd_bounds():
-    from distill.config import KDConfig, SweepConfig
+    from distill.image.config import KDConfig, SweepConfig
 
     for t in (0.01, 1e-300, 101.0, INF):
         with pytest.raises(ValidationError):

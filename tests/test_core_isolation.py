@@ -16,8 +16,8 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"core imported {name}")
         return None
 sys.meta_path.insert(0, Block())
-import distill, distill.config, distill.data, distill.models, distill.losses, distill.train
-import distill.checkpoint, distill.evaluate, distill.stages, distill.cli
+import distill, distill.image.config, distill.image.data, distill.image.models, distill.image.losses, distill.image.train
+import distill.checkpoint, distill.image.evaluate, distill.image.stages, distill.cli
 try:
     distill.cli.main(["config", "--profile", "seed"])
 except SystemExit:
@@ -35,6 +35,6 @@ def test_core_imports_without_pipeline_packages():
 
 
 def test_blocker_really_blocks():
-    code = BLOCKER.replace("import distill, distill.config", "import prefect  # noqa\nimport distill, distill.config")
+    code = BLOCKER.replace("import distill, distill.image.config", "import prefect  # noqa\nimport distill, distill.image.config")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT / "src", timeout=300)
     assert r.returncode != 0 and "core imported prefect" in r.stderr

@@ -1,4 +1,4 @@
-"""Tests for distill.data: sources, cache, splits, errors, augmentation, batching."""
+"""Tests for distill.image.data: sources, cache, splits, errors, augmentation, batching."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 import torch
 
-from distill import data as D
-from distill.data import cifar as D_cifar
-from distill.data import decode as D_decode
-from distill.data import (
+from distill.image import data as D
+from distill.image.data import cifar as D_cifar
+from distill.image.data import decode as D_decode
+from distill.image.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     Augment,

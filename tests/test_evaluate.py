@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from distill.config import EvalConfig
-from distill.evaluate import evaluate, expected_calibration_error
-from distill.models import build_model
+from distill.image.config import EvalConfig
+from distill.image.evaluate import evaluate, expected_calibration_error
+from distill.image.models import build_model
 
 
 def test_ece_limiting_cases():

@@ -282,7 +282,7 @@ def _train_proc(job_path: Path, work: Path) -> subprocess.Popen:
 
 
 def test_killed_training_stage_resumes_from_store(tmp_path):
-    from distill.config import load_profile
+    from distill.image.config import load_profile
     from tasks.lab import TrainJob, prepare_data
     from tasks.storage import open_store
 

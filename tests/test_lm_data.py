@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.data import DataError
+from distill.image.data import DataError
 from distill.lm import data as lmdata
 from distill.lm.data import (
     IGNORE_INDEX,

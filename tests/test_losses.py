@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import LOSSES, get_loss, kd_loss, soft_kl
+from distill.image.losses import LOSSES, get_loss, kd_loss, soft_kl
 
 
 def _logits(b=16, c=10, seed=0, scale=3.0):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distill.models import MODELS, build_model, count_parameters, parameter_count
+from distill.image.models import MODELS, build_model, count_parameters, parameter_count
 
 
 def test_cifar_resnets_have_cifar_stem_and_expected_size():

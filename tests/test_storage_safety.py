@@ -45,7 +45,7 @@ def test_integrity_errors_share_a_base_and_pickle():
 
 def test_is_integrity_error_recognises_core_errors():
     from distill.checkpoint import CheckpointError, CheckpointMismatch
-    from distill.data import DataError
+    from distill.image.data import DataError
 
     assert is_integrity_error(CheckpointError("bad checkpoint"))
     assert is_integrity_error(CheckpointMismatch("other config"))

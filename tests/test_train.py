@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from _imagefolder import make_imagefolder, tiny_overrides
-from distill import stages
-from distill import train as train_module
+from distill.image import stages
+from distill.image import train as train_module
 from distill.checkpoint import (
     CheckpointError,
     CheckpointMismatch,
@@ -18,10 +18,10 @@ from distill.checkpoint import (
     retained_checkpoints,
     save_checkpoint,
 )
-from distill.config import KDConfig, TrainConfig, load_profile
+from distill.image.config import KDConfig, TrainConfig, load_profile
 from distill.files import sha256_file, sha256_json
-from distill.models import build_model
-from distill.train import LRSchedule, fit
+from distill.image.models import build_model
+from distill.image.train import LRSchedule, fit
 
 
 def synthetic(n_per_class=48, classes=3, seed=0):

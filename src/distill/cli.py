@@ -24,7 +24,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import __version__
-from .config import KDConfig, load_profile, parse_overrides
+from .image.config import KDConfig, load_profile, parse_overrides
 
 log = logging.getLogger("distill.cli")
 
@@ -131,7 +131,7 @@ def _print(obj) -> None:
 
 def run_lab(cfg, out: Path) -> dict:
     """The three stages of the lab plus evaluation, in-process, with no orchestration."""
-    from . import stages
+    from .image import stages
 
     prep = stages.prepare(cfg.data)
     data_dir = prep["dir"]
@@ -184,13 +184,13 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e)
 
     from .checkpoint import CheckpointError
-    from .data import DataError
+    from .errors import DataError
 
     try:
         if args.cmd == "config":
             _print(cfg.digest_dict())
         elif args.cmd == "stage":
-            from . import stages
+            from .image import stages
 
             if args.stage == "prepare":
                 if args.source:

@@ -12,7 +12,7 @@ Sources (the format is chosen by the file suffix):
 * ``.jsonl``: one JSON object per line (blank lines skipped) with either a ``"text"`` string, or ``"prompt"`` and
   ``"completion"`` strings. A prompt/completion record becomes the document ``prompt + completion`` (nothing is
   inserted between them; the prompt and the completion are tokenised separately) and its prompt tokens are not
-  targets. A line that is not such an object is a :class:`~distill.data.DataError` naming the file and line.
+  targets. A line that is not such an object is a :class:`~distill.image.data.DataError` naming the file and line.
 
 A leading UTF-8 byte-order mark is dropped; a file that is not UTF-8 is a DataError naming it. Empty documents
 are skipped.
@@ -62,7 +62,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..data import DataError
+from ..errors import DataError
 from ..files import atomic_write_bytes, sha256_bytes, sha256_file, sha256_json
 from ..cachedir import (
     check_int, clean_stale_tmp, manifest_bytes, publish, read_manifest_json, remove_tree, verify_listed_file,

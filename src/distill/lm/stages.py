@@ -1,5 +1,5 @@
 """The language-model stages (student init, train teacher / baseline / student, evaluate) as plain functions over
-folders, mirroring :mod:`distill.stages` for the image kind.
+folders, mirroring :mod:`distill.image.stages` for the image kind.
 
 A trained LM folder is a normal Hugging Face folder (``save_pretrained``: config.json + model.safetensors, plus
 the tokenizer files) so ``AutoModelForCausalLM.from_pretrained`` loads it, and beside it:

@@ -81,7 +81,10 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..files import sha256_json
-from ..train import _epoch_generator, _Progress, _rng_state, _set_rng_state
+from ..runtime import Progress as _Progress
+from ..runtime import epoch_generator as _epoch_generator
+from ..runtime import rng_state as _rng_state
+from ..runtime import set_rng_state as _set_rng_state
 from .losses import distill_loss_parts
 
 __all__ = [

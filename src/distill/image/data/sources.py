@@ -2,7 +2,7 @@
 
 (a) a folder in ImageFolder layout (:mod:`.folder`); (b) a folder with ``train.tar.gz`` and ``test.tar.gz``
 and (c) a single tarball (:mod:`.tarball`); (d) a torchvision CIFAR-10 python folder and (e) the string
-``"torchvision"`` (:mod:`.cifar`). See the :mod:`distill.data` docstring for the details.
+``"torchvision"`` (:mod:`.cifar`). See the :mod:`distill.image.data` docstring for the details.
 """
 
 from __future__ import annotations
@@ -15,18 +15,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import sha256_file, sha256_json
+from ...files import sha256_file, sha256_json
 from .checksums import Sums
 from .cifar import BATCH_DIR, BATCH_FILES, load_cifar_python, torchvision_download
 from .collect import SplitCollector, finish_splits
 from .common import ENV_SOURCE, TAR_SUFFIXES, TORCHVISION_SOURCE, DataError, is_tarball_name
 from .folder import decode_folder, scan_imagefolder
-from .progress import Progress
+from ...progress import Progress
 from .tarball import decode_tarball
 
 __all__ = ["Source", "decode_source", "detect_source", "fingerprint", "resolve_source"]
 
-log = logging.getLogger("distill.data")
+log = logging.getLogger("distill.image.data")
 
 
 def resolve_source(source: str | os.PathLike | None) -> str:

@@ -8,7 +8,7 @@ import time
 
 __all__ = ["Progress"]
 
-log = logging.getLogger("distill.data")
+log = logging.getLogger("distill.image.data")
 
 
 class Progress:

@@ -1,9 +1,11 @@
-"""What every part of :mod:`distill.data` shares: :class:`DataError`, the cache layout constants and the naming
+"""What every part of :mod:`distill.image.data` shares: :class:`DataError`, the cache layout constants and the naming
 rules for image and archive files."""
 
 from __future__ import annotations
 
 from typing import Iterable
+
+from ...errors import DataError
 
 __all__ = [
     "ARRAY_FILES",
@@ -34,10 +36,6 @@ ARRAY_FILES = tuple(f"{s}_{k}.npy" for s in SPLITS for k in ("x", "y"))
 # The extensions torchvision's ImageFolder accepts.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
-
-
-class DataError(ValueError):
-    """Bad input data: a missing, corrupt or inconsistent file. The message names the file."""
 
 
 def is_hidden(parts: Iterable[str]) -> bool:

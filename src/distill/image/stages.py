@@ -21,8 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
-from . import __version__
-from .checkpoint import (
+from .. import __version__
+from ..checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     check_fingerprint,
@@ -35,11 +35,11 @@ from .checkpoint import (
 from .config import DataConfig, EvalConfig, KDConfig, LabConfig, ModelSpec, TrainConfig
 from .data import load_prepared, prepare_dataset, read_manifest
 from .evaluate import evaluate as _evaluate
-from .files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
+from ..files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
 from .models import build_model
 from .train import fit, train_fingerprint
 
-log = logging.getLogger("distill.stages")
+log = logging.getLogger("distill.image.stages")
 
 Role = Literal["teacher", "baseline", "student"]
 ROLES = ("teacher", "baseline", "student")
@@ -156,7 +156,7 @@ def stage_fingerprint(
     - ``role``: "teacher" | "baseline" | "student";
     - ``model``: the role's ModelSpec (``cfg.teacher`` for the teacher, ``cfg.student`` otherwise);
     - ``train``: the role's TrainConfig (``teacher_train`` / ``student_train``) without the fields that do not
-      change the result (``distill.train.NON_RESULT_FIELDS``: progress display, checkpoint retention);
+      change the result (``distill.image.train.NON_RESULT_FIELDS``: progress display, checkpoint retention);
     - ``kd``: students only (``kd`` or else ``cfg.kd``), else None;
     - ``data_manifest_sha256``: :func:`manifest_sha256` of the prepared data folder;
     - ``teacher_weights_sha256``: students only (required), the teacher's ``weights_sha256``; else None.

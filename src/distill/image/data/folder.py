@@ -17,11 +17,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from ..files import PathEscapeError, contained_path
+from ...files import PathEscapeError, contained_path
 from . import decode
 from .collect import SplitCollector
 from .common import DataError, is_image_name
-from .progress import Progress
+from ...progress import Progress
 
 __all__ = ["decode_folder", "scan_imagefolder"]
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..files import atomic_write_bytes, sha256_bytes, sha256_file, sha256_json
-from ..cachedir import (
+from ...files import atomic_write_bytes, sha256_bytes, sha256_file, sha256_json
+from ...cachedir import (
     check_int, clean_stale_tmp, manifest_bytes, publish, read_manifest_json, remove_tree, verify_listed_file,
 )
 from .collect import check_class_count, check_expected_classes
@@ -31,7 +31,7 @@ from .splits import make_splits
 
 __all__ = ["PreparedData", "load_prepared", "prepare_dataset", "read_manifest"]
 
-log = logging.getLogger("distill.data")
+log = logging.getLogger("distill.image.data")
 
 
 @dataclass(frozen=True)
@@ -200,7 +200,7 @@ def prepare_dataset(
 ) -> PreparedData:
     """Decode ``source`` once into ``cache_dir/<key16>/`` (or reuse it) and return it.
 
-    ``source``: see the :mod:`distill.data` docstring; ``None`` means :func:`resolve_source`.
+    ``source``: see the :mod:`distill.image.data` docstring; ``None`` means :func:`resolve_source`.
     The cache key covers the source content, val_size, split_seed, the subsets and
     FORMAT_VERSION. A validation split of ``val_size`` images is drawn from the training split
     (seeded, stratified); ``train_subset``/``test_subset`` then subsample train and test

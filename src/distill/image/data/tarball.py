@@ -16,7 +16,7 @@ from pathlib import Path
 from . import decode
 from .collect import SplitCollector
 from .common import DataError, is_hidden, is_image_name
-from .progress import Progress
+from ...progress import Progress
 
 __all__ = ["decode_tarball"]
 

@@ -46,7 +46,7 @@ def _cached_parameter_count(name: str, fn: Any, items: tuple) -> int:
 
 
 def model_parameter_count(name: str, kwargs: dict) -> int:
-    """``distill.models.parameter_count`` memoised per (model, kwargs): configs are validated often."""
+    """``distill.image.models.parameter_count`` memoised per (model, kwargs): configs are validated often."""
     return _cached_parameter_count(name, MODELS[name], tuple(sorted(kwargs.items())))
 
 
@@ -66,7 +66,7 @@ def _kwarg_value(model: str, key: str, value: Any, ann: Any) -> Any:
 
 
 class ModelSpec(_Strict):
-    name: str = Field(description="registered model name (distill.models.MODELS)")
+    name: str = Field(description="registered model name (distill.image.models.MODELS)")
     kwargs: dict[str, Union[int, float, str, bool]] = Field(default_factory=dict)
 
     @field_validator("name")

@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .checkpoint import (
+from ..checkpoint import (
     CheckpointError,
     CheckpointMismatch,
     resume_checkpoint,
@@ -33,10 +33,14 @@ from .checkpoint import (
 )
 from .config import KDConfig, TrainConfig
 from .data import Augment, iterate_batches, normalize
-from .files import sha256_json
+from ..files import sha256_json
+from ..runtime import Progress as _Progress
+from ..runtime import epoch_generator as _epoch_generator
+from ..runtime import rng_state as _rng_state
+from ..runtime import set_rng_state as _set_rng_state
 from .losses import get_loss
 
-log = logging.getLogger("distill.train")
+log = logging.getLogger("distill.image.train")
 
 LogFn = Callable[[dict, int], None]
 
@@ -93,26 +97,6 @@ class FitResult:
     runtime: dict = field(default_factory=dict)
 
 
-def _rng_state() -> dict:
-    state = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["torch_cuda"]))
-
-
-def _epoch_generator(seed: int, epoch: int, device: torch.device) -> torch.Generator:
-    # Shuffling and augmentation of epoch e depend on (seed, e) only: a resumed run replays them exactly.
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + epoch) % (2**63))
-    return g
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x_u8: torch.Tensor, rt: Runtime, batch_size: int = 1000) -> torch.Tensor:
     """Float32 logits of ``model`` on uint8 images (normalised here), in batches, on rt.device."""
@@ -127,33 +111,6 @@ def predict(model: nn.Module, x_u8: torch.Tensor, rt: Runtime, batch_size: int =
             outs.append(model(xb).float())
     model.train(was_training)
     return torch.cat(outs) if outs else torch.empty(0)
-
-
-class _Progress:
-    def __init__(self, mode: str, total: int, desc: str):
-        self.bar = None
-        use_bar = mode == "bar" or (mode == "auto" and sys.stderr.isatty())
-        self.log_lines = mode in ("auto", "log") and not use_bar
-        if use_bar:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True, leave=True)
-
-    def update(self, n: int = 1, **postfix):
-        if self.bar is not None:
-            self.bar.update(n)
-            if postfix:
-                self.bar.set_postfix(postfix, refresh=False)
-
-    def epoch_line(self, text: str):
-        if self.bar is not None:
-            self.bar.write(text)
-        elif self.log_lines:
-            log.info(text)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
 
 
 # TrainConfig fields that do not change what a run computes (display, retention): not in its fingerprint.
