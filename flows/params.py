@@ -7,17 +7,18 @@ flow then validates the merged LabConfig before any compute.
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from distill.image.config import LabConfig, load_profile
+from distill import home
+from distill.image.config import LabConfig
+from distill.kinds import get_kind
 
 # The experiment name is also the prefix of the registered models (<experiment>-teacher|baseline|student)
 # and appears in MLflow search filters and store keys: a plain token, checked before anything runs.
@@ -114,7 +115,7 @@ def partial_model(model: type[BaseModel]) -> type[BaseModel]:
     return part
 
 
-LabOverrides = partial_model(LabConfig)
+LabOverrides = partial_model(LabConfig)  # the image kind's; params_model(kind) builds each kind's own
 
 
 def _drop_none(d: Any) -> Any:
@@ -123,13 +124,14 @@ def _drop_none(d: Any) -> Any:
     return d
 
 
-class PipelineParams(BaseModel):
-    """Parameters of the ``distill-cifar`` flow."""
+class PipelineBase(BaseModel):
+    """Parameters every pipeline flow shares; :func:`params_model` adds the kind's ``profile`` and ``overrides``."""
 
+    KIND: ClassVar[str] = "cifar"
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False, hide_input_in_errors=True)  # URLs may carry secrets
 
-    profile: Literal["smoke", "seed", "full"] = Field("smoke", description="preset recipe")
-    overrides: LabOverrides = Field(default_factory=LabOverrides, description="fields to change in the preset")  # type: ignore[valid-type]
+    profile: str = Field("smoke", description="preset recipe")
+    overrides: Any = None
     train_pool: Optional[str] = Field(
         None, description="work pool for training stages (via deployment distill-train/<pool>); none = in-process",
         json_schema_extra={"pattern": POOL_PATTERN},
@@ -146,8 +148,10 @@ class PipelineParams(BaseModel):
         False, description="train every stage again, ignoring completed or checkpointed work with the same key"
     )
 
-    def lab(self) -> LabConfig:
-        return load_profile(self.profile, _drop_none(self.overrides.model_dump()))
+    def lab(self) -> Any:
+        """The kind's validated config: the preset with the overrides merged in."""
+        overrides = self.overrides.model_dump() if isinstance(self.overrides, BaseModel) else (self.overrides or {})
+        return get_kind(self.KIND).load_profile(self.profile, _drop_none(overrides))
 
     @field_validator("experiment")
     @classmethod
@@ -192,23 +196,42 @@ class PipelineParams(BaseModel):
         return self
 
 
+_PARAMS: dict[str, type[PipelineBase]] = {}
+
+
+def params_model(kind_name: str) -> type[PipelineBase]:
+    """The parameter model of the flow of ``kind_name``: the shared fields, the kind's profiles as a choice, its
+    config as all-optional overrides (so the Prefect server rejects a bad value at submission, naming the
+    field) and its flow name as the default experiment."""
+    if kind_name in _PARAMS:
+        return _PARAMS[kind_name]
+    kind = get_kind(kind_name)
+    overrides = partial_model(kind.config_model)
+    name = "PipelineParams" if kind_name == "cifar" else f"{kind_name.capitalize()}PipelineParams"
+    model = create_model(
+        name,
+        __base__=PipelineBase,
+        __doc__=f"Parameters of the ``{kind.flow}`` flow ({kind.description}).",
+        profile=(Literal[tuple(kind.profiles)], Field(kind.profiles[0], description="preset recipe")),  # type: ignore[valid-type]
+        overrides=(overrides, Field(default_factory=overrides, description="fields to change in the preset")),
+        experiment=(str, Field(kind.flow, min_length=1, max_length=100, json_schema_extra={"pattern": NAME_PATTERN},
+                               description=f"MLflow experiment and registered-model prefix: {NAME_RULE}")),
+    )
+    model.KIND = kind_name
+    _PARAMS[kind_name] = model
+    return model
+
+
+PipelineParams = params_model("cifar")
+
+
 def project_home() -> Path:
-    return Path(os.environ.get("DISTILL_HOME", ".distill")).resolve()
+    return home.home()
 
 
 def resolve_store_url(url: str | None) -> str:
-    url = url or os.environ.get("DISTILL_STORE_URL")
-    if url:
-        if "://" not in url:
-            return Path(url).resolve().as_uri()
-        return url
-    return (project_home() / "store").as_uri()
+    return home.store_url(url)
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
-    uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        return uri
-    home = project_home()
-    home.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{home / 'mlflow.db'}"
+    return home.tracking_uri(uri)

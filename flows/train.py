@@ -47,7 +47,8 @@ def distill_train(job: TrainJob) -> dict:
                                 "worker": os.environ.get("DISTILL_WORKER_NAME")},
             }
             store.put_json(result, f"{job.out_prefix}/result.json")  # last: the stage is complete
-        print(f"{job.name}: trained and evaluated; test accuracy {metrics.get('test_accuracy', float('nan')):.4f}")
+        key = job.kind_and_config()[0].test_metric.key
+        print(f"{job.name}: stage done ({job.role}); held-out {key} {metrics.get(key, float('nan')):.4f}")
     return result
 
 

@@ -1,10 +1,11 @@
-"""Thin Prefect tasks over the compute core. They move files between the store and a local work folder,
-call ``distill.image.stages``, and return small references (store keys, metric dicts), never tensors.
+"""Thin Prefect tasks over the compute core, the same for every distillation kind. They move files between the
+store and a local work folder, call the kind's functions (:class:`distill.kinds.Kind`), and return small
+references (store keys, metric dicts), never tensors.
 
 Stage work is keyed by what determines its result, not by the flow run that asked for it: a stage's store
-prefix is ``stages/<key>`` where ``key`` hashes the stage fingerprint (role, model, training config, KD
-config, data manifest, teacher weights; :func:`distill.image.stages.stage_fingerprint`) and the sha256 of the
-core's source. So a re-run of the same work (a killed ``distill run``, a retried deployment run, a second
+prefix is ``stages/<key>`` where ``key`` hashes the stage fingerprint (the kind's ``fingerprint``: role, model, training config, KD
+config, data manifest, teacher / init weights) and the sha256 of the source of the shared core and of the
+kind's own package (a change to the LM code does not retrain image stages). So a re-run of the same work (a killed ``distill run``, a retried deployment run, a second
 flow run asking for the same teacher) finds the checkpoints and outputs of the earlier attempt and resumes
 or reuses them. One stage key is worked on by one process at a time (a lease lock in the store).
 
@@ -31,10 +32,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from pydantic import BaseModel, Field, field_validator
 
 import distill
-from distill.image import stages
-from distill.checkpoint import CheckpointError, load_checkpoint, retained_checkpoints
-from distill.image.config import KDConfig, LabConfig
+from distill import home
+from distill.checkpoint import CheckpointError, load_checkpoint, point_latest, retained_checkpoints
 from distill.files import contained_path, sha256_json
+from distill.kinds import Kind, get_kind
 
 from .secrets import redact_text
 from .storage import Store, StoreError, is_integrity_error, open_store, validate_prefix
@@ -42,10 +43,11 @@ from .storage import Store, StoreError, is_integrity_error, open_store, validate
 # Exception class names that mean corrupt or bad input rather than a passing fault (also found in the state
 # message of a failed remote flow run)
 INTEGRITY_MARKERS = ("ChecksumMismatch", "IntegrityError", "CheckpointError", "CheckpointMismatch", "DataError",
-                     "ModelLoadError")
+                     "ModelLoadError", "TokenizerMismatch")
 from .tracking import Tracker, flatten_params
 
-MODEL_FILES = ("model.safetensors", "config.json", "metrics.json", "history.json")
+# what a stage folder holds besides the model folder it publishes
+NOT_MODEL_FILES = ("checkpoints", "result.json")
 STAGE_LOCK_TTL = 120.0
 
 
@@ -53,13 +55,15 @@ class TrainJob(BaseModel):
     """Everything one training stage needs; JSON-serialisable so it can cross to a work pool. It carries no
     credentials: the tracking URI is the redacted one, and workers take credentials from their environment."""
 
-    role: Literal["teacher", "baseline", "student"]
+    kind: str = Field("cifar", description="distillation kind (distill.kinds): cifar, lm")
+    role: Literal["teacher", "init", "baseline", "student"]
     name: str = Field(description="stage name, e.g. teacher, baseline, student, sweep-T4-a0.7")
-    lab: dict
+    lab: dict = Field(description="the kind's config (validated by its config model)")
     kd: Optional[dict] = None
     data_key: str
     out_prefix: str = Field(description="content-addressed store prefix of the stage: stages/<key>")
     teacher_prefix: Optional[str] = None
+    init_prefix: Optional[str] = Field(None, description="model prefix of the kind's init stage (students' start)")
     store_url: str
     tracking_uri: Optional[str] = None
     experiment: str = "distill-cifar"
@@ -67,7 +71,17 @@ class TrainJob(BaseModel):
     speed: bool = True
     tags: dict[str, str] = Field(default_factory=dict)
 
-    @field_validator("out_prefix", "data_key", "teacher_prefix")
+    @field_validator("kind")
+    @classmethod
+    def _kind(cls, v: str) -> str:
+        get_kind(v)  # unknown kinds fail here, naming the known ones
+        return v
+
+    def kind_and_config(self) -> tuple[Kind, Any]:
+        kind = get_kind(self.kind)
+        return kind, kind.config_model.model_validate(self.lab)
+
+    @field_validator("out_prefix", "data_key", "teacher_prefix", "init_prefix")
     @classmethod
     def _key(cls, v: Optional[str]) -> Optional[str]:
         if v is None:
@@ -100,10 +114,7 @@ def _logger():
 
 
 def work_dir() -> Path:
-    root = Path(os.environ.get("DISTILL_WORK_DIR") or Path(os.environ.get("DISTILL_HOME", ".distill")) / "work")
-    root = root.resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    return root
+    return home.work_dir()
 
 
 def stage_dir(prefix: str) -> Path:
@@ -112,11 +123,19 @@ def stage_dir(prefix: str) -> Path:
     return contained_path(work_dir(), validate_prefix(prefix).rstrip("/"), follow_links=True)
 
 
-def code_version() -> str:
-    """sha256 of the compute core's source: work done by other code is not reused."""
+KIND_PACKAGES = {"cifar": "image", "lm": "lm", "diffusion": "diffusion"}
+
+
+def code_version(kind: str = "cifar") -> str:
+    """sha256 of the source that computes a stage of ``kind``: the shared core (``distill/*.py``) and the kind's
+    own package (``distill/<package>/``). Work done by other code is not reused; a change to another kind's
+    code changes nothing here."""
     h = hashlib.sha256()
     pkg = Path(distill.__file__).parent
-    for p in sorted(pkg.rglob("*.py")):
+    files = sorted(pkg.glob("*.py"))
+    sub = pkg / KIND_PACKAGES.get(kind, kind)
+    files += sorted(sub.rglob("*.py")) if sub.is_dir() else []
+    for p in files:
         h.update(p.relative_to(pkg).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()[:16]
@@ -133,15 +152,17 @@ def git_commit() -> str:
         return "unknown"
 
 
-def stage_key(role: str, cfg: LabConfig, *, data_manifest_sha256: str, kd: Optional[KDConfig] = None,
-              teacher_weights_sha256: Optional[str] = None, salt: Optional[str] = None) -> str:
+def stage_key(kind: Kind, role: str, cfg: Any, *, data_manifest_sha256: str, kd: Optional[dict] = None,
+              teacher_weights_sha256: Optional[str] = None, init_weights_sha256: Optional[str] = None,
+              salt: Optional[str] = None) -> str:
     """The content key of one stage's work: same key, same result. ``salt`` (e.g. a flow run id when the user
     asks for fresh training) makes the work unique."""
-    doc = stages.stage_fingerprint(role, cfg, data_manifest_sha256=data_manifest_sha256, kd=kd,
-                                   teacher_weights_sha256=teacher_weights_sha256 if role == "student" else None)
-    # the baseline trains without the teacher, but its stored result holds its agreement with the teacher
-    evaluated_against = teacher_weights_sha256 if role == "baseline" else None
-    return sha256_json({"stage": doc, "code": code_version(), "salt": salt, "evaluated_against": evaluated_against})[:32]
+    doc = kind.fingerprint(role, cfg, data_sha256=data_manifest_sha256, kd=kd, teacher_sha256=teacher_weights_sha256,
+                           init_sha256=init_weights_sha256)
+    # a baseline trains without the teacher, but its stored result holds its agreement with the teacher
+    evaluated_against = teacher_weights_sha256 if role in ("baseline", "init") else None
+    return sha256_json({"kind": kind.name, "stage": doc, "code": code_version(kind.name), "salt": salt,
+                        "evaluated_against": evaluated_against})[:32]
 
 
 def not_integrity_error(task, task_run, state) -> bool:
@@ -158,15 +179,19 @@ def not_integrity_error(task, task_run, state) -> bool:
 # --- store <-> local folders ------------------------------------------------------------------------------
 
 
-def fetch_dir(store: Store, prefix: str, kind: str) -> Path:
+def fetch_dir(store: Store, prefix: str, what: str) -> Path:
     """A published store folder in the local cache, checked against the store's manifest on every call."""
-    return store.fetch_dir(prefix, work_dir() / "cache" / kind)
+    return store.fetch_dir(prefix, work_dir() / "cache" / what)
 
 
 def upload_model(store: Store, out_dir: Path, prefix: str) -> dict:
+    """Publish the stage's model folder: every file of ``out_dir`` except checkpoints, evaluations and the
+    stage result (weights, config, tokenizer files, metrics, history)."""
     with tempfile.TemporaryDirectory() as tmp:
-        for name in MODEL_FILES:
-            shutil.copy2(out_dir / name, Path(tmp) / name)
+        for p in sorted(out_dir.iterdir()):
+            if p.name in NOT_MODEL_FILES or p.name.startswith(("eval_", ".")) or not p.is_file():
+                continue
+            shutil.copy2(p, Path(tmp) / p.name)
         return store.put_dir(tmp, prefix)
 
 
@@ -246,7 +271,7 @@ def _restore_checkpoint(store: Store, prefix: str, local_ckpts: Path) -> Optiona
             load_checkpoint(tmp)  # verifies every file of the checkpoint
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
-            stages.point_latest(local_ckpts, name)
+            point_latest(local_ckpts, name)
             return name
         except (CheckpointError, StoreError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -277,12 +302,14 @@ def prefect_run_alive(run: Any) -> Optional[bool]:
         return None
 
 
-def _progress_log_fn(tracker: Optional[Tracker], run_id: Optional[str], epochs: int, name: str):
+def _progress_log_fn(tracker: Optional[Tracker], run_id: Optional[str], total: int, name: str):
+    """``log_fn`` of a training stage: metrics to MLflow (never fatal), progress to a Prefect progress artifact,
+    and one log line per call naming the stage; ``step`` is an epoch (images) or an optimiser step (LMs)."""
     sink = tracker.log_fn(run_id) if tracker and run_id else None
     artifact_id = None
     if _in_prefect_run():  # outside a run, an artifact call would start a temporary Prefect server
         try:
-            artifact_id = create_progress_artifact(progress=0.0, description=f"{name}: epochs done")
+            artifact_id = create_progress_artifact(progress=0.0, description=f"{name}: training progress")
         except Exception:
             pass
     log = _logger()
@@ -292,27 +319,29 @@ def _progress_log_fn(tracker: Optional[Tracker], run_id: Optional[str], epochs: 
             try:  # Tracker retries transient errors; one that persists must not kill a training
                 sink(metrics, step)
             except Exception as e:  # noqa: BLE001
-                log.warning("%s: could not log epoch %d metrics to MLflow: %s", name, step, redact_text(str(e)))
+                log.warning("%s: could not log step %d metrics to MLflow: %s", name, step, redact_text(str(e)))
         if artifact_id is not None:
             try:
-                update_progress_artifact(artifact_id=artifact_id, progress=100.0 * step / epochs)
+                update_progress_artifact(artifact_id=artifact_id, progress=min(100.0, 100.0 * step / max(total, 1)))
             except Exception:
                 pass
-        log.info("%s epoch %d/%d: train_loss %.4f val_acc %.4f", name, step, epochs, metrics["train_loss"], metrics["val_acc"])
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "lr")
+        log.info("%s %d/%d: %s", name, step, total, shown)
 
     return log_fn
 
 
 def start_stage_run(job: TrainJob, tracker: Tracker, flow_run_id: Optional[str]) -> str:
     """A nested MLflow run for this attempt at the stage; earlier attempts whose owner died are marked KILLED."""
-    cfg = LabConfig.model_validate(job.lab)
+    _, cfg = job.kind_and_config()
     killed = tracker.end_dead_runs("distill.stage_key", job.out_prefix, is_alive=prefect_run_alive)
     if killed:
         _logger().info("%s: marked %d dead earlier attempt(s) KILLED in MLflow", job.name, len(killed))
-    params = {"role": job.role, "stage": job.name, **flatten_params(cfg.model_dump(mode="json"))}
+    params = {"kind": job.kind, "role": job.role, "stage": job.name, **flatten_params(cfg.model_dump(mode="json"))}
     if job.kd:
         params.update({f"kd.{k}": v for k, v in job.kd.items()})
-    tags = {"distill.stage_key": job.out_prefix, "distill.role": job.role, "distill.stage": job.name, **job.tags}
+    tags = {"distill.stage_key": job.out_prefix, "distill.role": job.role, "distill.stage": job.name,
+            "distill.kind": job.kind, **job.tags}
     if flow_run_id:
         tags["distill.owner.flow_run_id"] = flow_run_id
     if job.parent_run_id:
@@ -331,11 +360,12 @@ def log_history(tracker: Tracker, run_id: str, history: list[dict], upto_epoch: 
 
 
 @task(name="prepare-data", retries=1, retry_condition_fn=not_integrity_error)
-def prepare_data(lab: dict, store_url: str) -> dict:
-    """Decode the data set into the uint8 cache and snapshot it in the store, content-addressed."""
+def prepare_data(kind_name: str, lab: dict, store_url: str) -> dict:
+    """Prepare the kind's data (decoded images, token cache) and snapshot it in the store, content-addressed."""
     log = _logger()
-    cfg = LabConfig.model_validate(lab)
-    prep = stages.prepare(cfg.data, progress=False)
+    kind = get_kind(kind_name)
+    cfg = kind.config_model.model_validate(lab)
+    prep = kind.prepare(cfg, progress=False)
     sha = prep["manifest_sha256"]
     store = open_store(store_url)
     key = f"data/{sha}"
@@ -344,62 +374,80 @@ def prepare_data(lab: dict, store_url: str) -> dict:
     else:
         store.put_dir(prep["dir"], key)
         log.info("data snapshot uploaded to %s", store.uri(key))
-    m = prep["manifest"]
-    return {"data_key": key, "manifest_sha256": sha, "classes": m["classes"], "counts": m["counts"], "uri": store.uri(key)}
+    return {"data_key": key, "manifest_sha256": sha, "n_train": prep["n_train"], **prep.get("summary", {}),
+            "uri": store.uri(key)}
+
+
+def _total_steps(cfg: Any, job: TrainJob) -> int:
+    """Denominator of the progress artifact: epochs (images) or optimiser steps (LMs)."""
+    for section in (("teacher_train",) if job.role == "teacher" else ()) + ("student_train", "train"):
+        tc = getattr(cfg, section, None)
+        if tc is not None:
+            return int(getattr(tc, "epochs", None) or getattr(tc, "steps", 1))
+    return 1
 
 
 @task(name="train-stage", retries=1, retry_delay_seconds=2, retry_condition_fn=not_integrity_error)
 def train_stage(job: TrainJob, run_id: Optional[str] = None) -> dict:
-    """Train one model. Checkpoints go to the store every epoch; a retry or a re-run of the same work (same
-    stage key) resumes from the newest checkpoint in the store that verifies."""
+    """Train one model. Checkpoints go to the store as they are written; a retry or a re-run of the same work
+    (same stage key) resumes from the newest checkpoint in the store that verifies."""
     log = _logger()
     out_dir = stage_dir(job.out_prefix)  # validated before anything touches the disk
     store = open_store(job.store_url)
-    cfg = LabConfig.model_validate(job.lab)
-    kd = KDConfig.model_validate(job.kd) if job.kd else None
+    kind, cfg = job.kind_and_config()
     data_dir = fetch_dir(store, job.data_key, "data")
-    # the teacher trains the student; the baseline only uses it at evaluation time (top-1 agreement)
-    teacher_dir = fetch_dir(store, job.teacher_prefix, "models") if (job.teacher_prefix and job.role == "student") else None
+    # students learn from the teacher; the init stage is made from it; the baseline only meets it at evaluation
+    needs_teacher = job.role in ("student", "init")
+    teacher_dir = fetch_dir(store, job.teacher_prefix, "models") if (job.teacher_prefix and needs_teacher) else None
+    init_dir = fetch_dir(store, job.init_prefix, "models") if job.init_prefix else None
     out_dir.mkdir(parents=True, exist_ok=True)
     restored = _restore_checkpoint(store, job.out_prefix, out_dir / "checkpoints")
     if restored:
         log.info("%s: resuming from checkpoint %s of %s", job.name, restored, store.uri(job.out_prefix))
 
     tracker = Tracker(job.tracking_uri, job.experiment) if (job.tracking_uri and run_id) else None
-    epochs = (cfg.teacher_train if job.role == "teacher" else cfg.student_train).epochs
-    res = stages.train(
-        job.role, cfg, data_dir, out_dir, teacher_dir=teacher_dir, kd=kd,
-        log_fn=_progress_log_fn(tracker, run_id, epochs, job.name),
+    res = kind.train(
+        job.role, cfg, data_dir, out_dir, teacher_dir=teacher_dir, init_dir=init_dir, kd=job.kd,
+        log_fn=_progress_log_fn(tracker, run_id, _total_steps(cfg, job), job.name),
         on_checkpoint=_mirror_checkpoints(store, job.out_prefix), resume=True,
     )
-    if tracker is not None and res.get("resumed_from_epoch"):
+    resumed = res.get("resumed_from_epoch") or res.get("resumed_from_step")
+    if tracker is not None and resumed and (out_dir / "history.json").exists():
         history = json.loads((out_dir / "history.json").read_text())
-        log_history(tracker, run_id, history, res["resumed_from_epoch"])
+        log_history(tracker, run_id, history, resumed)
     model_prefix = f"{job.out_prefix}/model"
     upload_model(store, out_dir, model_prefix)
-    weights_sha = json.loads((out_dir / "config.json").read_text())["weights_sha256"]
     res.update({"model_prefix": model_prefix, "mlflow_run_id": run_id, "name": job.name, "role": job.role,
-                "weights_sha256": weights_sha, "stage_key": job.out_prefix})
-    res["model_path"] = store.uri(f"{model_prefix}/model.safetensors")
+                "kind": job.kind, "weights_sha256": kind.weights_sha256(out_dir), "stage_key": job.out_prefix,
+                "model_uri": store.uri(model_prefix)})
     return res
 
 
 @task(name="evaluate-stage", retries=1, retry_condition_fn=not_integrity_error)
 def evaluate_stage(job: TrainJob, trained: dict) -> dict:
-    """Evaluate on the test split of the same data snapshot; agreement with the teacher for students."""
+    """Evaluate on the held-out test split of the same data snapshot (against the teacher when there is one)."""
     store = open_store(job.store_url)
-    cfg = LabConfig.model_validate(job.lab)
+    kind, cfg = job.kind_and_config()
     data_dir = fetch_dir(store, job.data_key, "data")
     model_dir = fetch_dir(store, trained["model_prefix"], "models")
     teacher_dir = fetch_dir(store, job.teacher_prefix, "models") if job.teacher_prefix else None
-    ev_cfg = cfg.eval.model_copy(update={"speed": job.speed and cfg.eval.speed})
     out = stage_dir(job.out_prefix) / "eval_test.json"
-    m = stages.evaluate(model_dir, data_dir, ev_cfg, split="test", teacher_dir=teacher_dir, out_path=out)
+    m = kind.evaluate(model_dir, data_dir, cfg, split="test", teacher_dir=teacher_dir, speed=job.speed, out_path=out)
     store.put_file(out, f"{job.out_prefix}/eval_test.json")
-    flat = {f"test_{k}" if k in ("accuracy", "loss", "ece") else k: v for k, v in m.items() if isinstance(v, (int, float))}
+    flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     if job.tracking_uri and trained.get("mlflow_run_id"):
         tracker = Tracker(job.tracking_uri, job.experiment)
-        tracker.log_metrics(trained["mlflow_run_id"], {**flat, "val_acc_best": trained["val_acc"], "train_seconds": trained["train_seconds"]})
-    return flat
+        sel = kind.selection.key
+        extra = {f"{sel}_best": trained[sel]} if isinstance(trained.get(sel), (int, float)) else {}
+        tracker.log_metrics(trained["mlflow_run_id"], {**flat, **extra, "train_seconds": trained.get("train_seconds", 0.0)})
+    return m
 
 
+@task(name="measure-speed", retries=1, retry_condition_fn=not_integrity_error)
+def measure_speed(kind_name: str, lab: dict, store_url: str, data_key: str, model_prefix: str) -> dict:
+    """Latency and throughput of one model, measured while nothing else trains (the pipeline calls it for
+    each model after the training stages have finished, one at a time)."""
+    kind = get_kind(kind_name)
+    cfg = kind.config_model.model_validate(lab)
+    store = open_store(store_url)
+    return kind.speed(fetch_dir(store, model_prefix, "models"), fetch_dir(store, data_key, "data"), cfg)

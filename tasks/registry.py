@@ -1,24 +1,19 @@
-"""Registration in MLflow (idempotent) and the promotion gate, as Prefect tasks."""
+"""Registration in MLflow (idempotent) and the promotion gate on the kind's selection metric, as Prefect tasks."""
 
 from __future__ import annotations
 
 import functools
 from typing import Any, Callable
 
-import numpy as np
 from prefect import task
 
-from distill.image import stages
-from distill.image.data import load_prepared, normalize
+from distill.kinds import get_kind
 
 from .lab import _logger, fetch_dir
 from .storage import Store, open_store
 from .tracking import Tracker
 
-
-def input_example(data_dir) -> np.ndarray:
-    x, _ = load_prepared(data_dir, verify=False)["test"]
-    return normalize(x[:1]).numpy().astype(np.float32)
+ROLES = ("teacher", "baseline", "student")
 
 
 def promotion_lock(store: Store, registered_name: str) -> Callable[[], Any]:
@@ -27,8 +22,21 @@ def promotion_lock(store: Store, registered_name: str) -> Callable[[], Any]:
     return functools.partial(store.lock, f"locks/promote/{registered_name}")
 
 
+def _tags(kind, role: str, r: dict, lineage: dict, versions: dict, uri: str) -> dict:
+    sel, tm = kind.selection, kind.test_metric
+    tags = {**lineage, "role": role, "distill.kind": kind.name, "store_uri": uri,
+            "teacher_version": versions["teacher"]["version"] if role != "teacher" else "self"}
+    for key, value in ((sel.key, r.get(sel.key)), (tm.key, r.get("test", {}).get(tm.key))):
+        if isinstance(value, (int, float)):
+            tags[key] = f"{value:.6f}"
+    if role == "student":
+        tags.update({f"kd.{k}": str(v) for k, v in (r.get("kd") or {}).items() if isinstance(v, (int, float, str))})
+    return tags
+
+
 @task(name="register-models", retries=1)
 def register_models(
+    kind_name: str,
     results: dict[str, dict],
     *,
     store_url: str,
@@ -38,37 +46,36 @@ def register_models(
     lineage: dict[str, str],
     margin: float,
 ) -> dict:
-    """Log teacher, baseline and student as registered models with lineage tags, then run the promotion gate
-    under the store's promotion lock of the student model (:func:`promotion_lock`), so concurrent pipelines
-    promote one at a time and the strongest concurrent candidate wins.
+    """Log teacher, baseline and student as registered models ``<experiment>-<role>`` with lineage tags (image
+    classifiers: pytorch flavour with an input example; language models: the Hugging Face folder), then run the
+    promotion gate on the kind's selection metric in its direction under the store's promotion lock of the
+    student model (:func:`promotion_lock`), so concurrent pipelines promote one at a time and the strongest
+    concurrent candidate wins.
 
     Re-running it for the same runs creates no new versions (versions are keyed on the MLflow run)."""
     log = _logger()
+    kind = get_kind(kind_name)
     store = open_store(store_url)
     tracker = Tracker(tracking_uri, experiment)
-    example = input_example(fetch_dir(store, data_key, "data"))
+    data_dir = fetch_dir(store, data_key, "data")
     versions: dict[str, dict] = {}
-    for role in ("teacher", "baseline", "student"):
+    for role in ROLES:
         r = results[role]
-        model = stages.load_model(fetch_dir(store, r["model_prefix"], "models"))
-        tags = {
-            **lineage,
-            "role": role,
-            "val_acc": f"{r['val_acc']:.6f}",
-            "test_accuracy": f"{r['test']['test_accuracy']:.6f}",
-            "teacher_version": versions["teacher"]["version"] if role != "teacher" else "self",
-            "store_uri": store.uri(r["model_prefix"]),
-        }
-        if role == "student" and r.get("kd"):
-            tags.update({"kd.temperature": str(r["kd"]["temperature"]), "kd.alpha": str(r["kd"]["alpha"])})
-        v = tracker.log_model(r["mlflow_run_id"], model, example, f"{experiment}-{role}", tags)
+        model_dir = fetch_dir(store, r["model_prefix"], "models")
+        tags = _tags(kind, role, r, lineage, versions, store.uri(r["model_prefix"]))
+        name = f"{experiment}-{role}"
+        if kind.extras.get("model_format") == "hf":
+            v = tracker.log_model_folder(r["mlflow_run_id"], model_dir, name, tags)
+        else:
+            example = kind.extras["input_example"](model_dir, data_dir)
+            v = tracker.log_model(r["mlflow_run_id"], kind.load_model(model_dir), example, name, tags)
         versions[role] = v
         log.info("%s: %s version %s%s", role, v["name"], v["version"], " (already registered)" if v.get("reused") else "")
     student = f"{experiment}-student"
+    sel = kind.selection
     decision = tracker.promote(
-        student, versions["student"]["version"],
-        candidate_val_acc=results["student"]["val_acc"], baseline_val_acc=results["baseline"]["val_acc"], margin=margin,
-        lock=promotion_lock(store, student),
+        student, versions["student"]["version"], results["student"][sel.key], results["baseline"][sel.key], margin,
+        metric=sel.key, direction=sel.direction, lock=promotion_lock(store, student),
     )
     log.info("promotion gate: %s (%s)", "promoted" if decision["promoted"] else "not promoted", decision["reason"])
     return {"versions": versions, "promotion": decision}

@@ -1,78 +1,61 @@
-"""The comparison report: a markdown table and plots (training curves, accuracy against temperature)."""
+"""The comparison report of any kind: a markdown table (the kind's columns), the sweep, the promotion decision,
+generated samples when the kind has them, and plots (training curves; the test metric across the sweep)."""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
-COLUMNS = [
-    ("model", "model"),
-    ("val acc", "val_acc"),
-    ("test acc", "test_accuracy"),
-    ("KD gain", "kd_gain"),
-    ("agreement", "agreement"),
-    ("ECE", "test_ece"),
-    ("params", "params"),
-    ("size (MB)", "size_mb"),
-    ("latency b1 CPU (ms)", "latency_ms_b1_cpu"),
-    ("throughput b256 CPU (img/s)", "throughput_b256_cpu"),
-]
+from distill.kinds import Kind, comparison_rows, markdown_table
+
+__all__ = ["build_report", "rows_for", "sweep_points"]
 
 
-def _fmt(key: str, v) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    if key == "model":
-        return str(v)
-    if key == "params":
-        return f"{int(v):,}"
-    if key == "kd_gain":
-        return f"{100 * v:+.2f} pt"
-    if key in ("val_acc", "test_accuracy", "agreement"):
-        return f"{100 * v:.2f} %"
-    if key in ("size_mb", "latency_ms_b1_cpu"):
-        return f"{v:.2f}"
-    if key == "throughput_b256_cpu":
-        return f"{v:,.0f}"
-    return f"{v:.4f}"
+def rows_for(kind: Kind, results: dict[str, dict]) -> list[dict]:
+    return comparison_rows(kind, results)
 
 
-def rows_for(results: dict[str, dict]) -> list[dict]:
-    """One flat row per model; KD gain = test accuracy minus the baseline's (same data, same budget)."""
-    base = results.get("baseline", {}).get("test", {}).get("test_accuracy")
-    rows = []
-    for name, r in results.items():
-        t = r.get("test", {})
-        row = {"model": name, "val_acc": r.get("val_acc"), **{k: t.get(k) for _, k in COLUMNS if k in t}}
-        row["kd_gain"] = (t.get("test_accuracy") - base) if (base is not None and r.get("role") == "student") else None
-        rows.append(row)
-    return rows
+def sweep_points(kind: Kind, results: dict[str, dict]) -> list[dict]:
+    """The sweep members (and the main student when it is one), with their coordinates and test metric."""
+    tm = kind.test_metric
+    return [{**r["sweep"], "name": name, tm.key: r["test"].get(tm.key)}
+            for name, r in results.items() if r.get("sweep") and r.get("test")]
 
 
-def markdown_table(rows: list[dict]) -> str:
-    head = "| " + " | ".join(c for c, _ in COLUMNS) + " |"
-    sep = "|" + "---|" * len(COLUMNS)
-    body = ["| " + " | ".join(_fmt(k, row.get(k)) for _, k in COLUMNS) + " |" for row in rows]
-    return "\n".join([head, sep, *body])
-
-
-def plot_curves(results: dict[str, dict], path: Path) -> Path:
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_curves(kind: Kind, results: dict[str, dict], path: Path) -> Path | None:
+    """Training loss and the selection metric on validation, per model, against epochs or steps."""
+    sel = kind.selection.key
+    curves = {n: r["history"] for n, r in results.items() if r.get("history")}
+    if not curves:
+        return None
+    plt = _plt()
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        hist = r.get("history") or []
-        if not hist:
-            continue
-        ep = [h["epoch"] for h in hist]
-        style = "-" if r.get("role") != "student" or name == "student" else ":"
-        ax1.plot(ep, [h["train_loss"] for h in hist], style, label=name)
-        ax2.plot(ep, [100 * h["val_acc"] for h in hist], style, label=name)
-    ax1.set(title="training loss (students: the KD loss, not comparable to CE)", xlabel="epoch", ylabel="loss")
-    ax2.set(title="validation accuracy", xlabel="epoch", ylabel="accuracy (%)")
+    xlabel = "epoch"
+    for name, hist in curves.items():
+        xkey = "epoch" if "epoch" in hist[0] else "step"
+        xlabel = xkey
+        r = results[name]
+        style = "-" if r.get("role") != "student" or r.get("main") else ":"
+        xs = [h[xkey] for h in hist]
+        if all("train_loss" in h for h in hist):
+            ax1.plot(xs, [h["train_loss"] for h in hist], style, label=name)
+        if all(sel in h for h in hist):
+            scale = 100 if kind.selection.key.endswith("acc") else 1
+            ax2.plot(xs, [scale * h[sel] for h in hist], style, label=name)
+    ax1.set(title="training loss (students: the KD loss, not comparable to CE)", xlabel=xlabel, ylabel="loss")
+    ax2.set(title=kind.selection.label or sel, xlabel=xlabel, ylabel=sel)
+    if kind.selection.direction == "min":
+        ax2.set_yscale("log")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -80,20 +63,32 @@ def plot_curves(results: dict[str, dict], path: Path) -> Path:
     return path
 
 
-def plot_sweep(sweep: list[dict], baseline_acc: float | None, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for alpha in sorted({s["alpha"] for s in sweep}):
-        pts = sorted((s["temperature"], 100 * s["test_accuracy"]) for s in sweep if s["alpha"] == alpha)
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"student, alpha={alpha:g}")
-    if baseline_acc is not None:
-        ax.axhline(100 * baseline_acc, color="grey", ls="--", label="baseline (hard labels)")
-    ax.set_xscale("log", base=2)
-    ax.set(title="test accuracy against temperature", xlabel="temperature T", ylabel="test accuracy (%)")
+def plot_sweep(kind: Kind, points: list[dict], baseline: float | None, path: Path) -> Path:
+    """The test metric across the sweep: a line per value of the second axis against a numeric first axis
+    (temperature), or grouped bars for a categorical first axis (the LM loss kind)."""
+    plt = _plt()
+    tm = kind.test_metric
+    xkey, lkey = kind.sweep_axes
+    scale = 100 if tm.key.endswith("accuracy") else 1
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    numeric = all(isinstance(p.get(xkey), (int, float)) for p in points)
+    groups = sorted({p.get(lkey) for p in points}, key=str) if lkey else [None]
+    if numeric:
+        for g in groups:
+            pts = sorted((p[xkey], scale * p[tm.key]) for p in points if p.get(lkey) == g)
+            ax.plot([q[0] for q in pts], [q[1] for q in pts], "o-", label=f"student, {lkey}={g}" if lkey else "student")
+        ax.set_xscale("log", base=2)
+    else:
+        xs = sorted({str(p.get(xkey)) for p in points})
+        width = 0.8 / max(len(groups), 1)
+        for gi, g in enumerate(groups):
+            vals = {str(p.get(xkey)): scale * p[tm.key] for p in points if p.get(lkey) == g}
+            pos = [i + gi * width for i, x in enumerate(xs) if x in vals]
+            ax.bar(pos, [vals[x] for x in xs if x in vals], width, label=f"{lkey}={g}" if lkey else None)
+        ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(xs))], xs)
+    if baseline is not None:
+        ax.axhline(scale * baseline, color="grey", ls="--", label="baseline (hard labels)")
+    ax.set(title=f"{tm.label or tm.key} across the sweep", xlabel=xkey, ylabel=tm.key)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -101,33 +96,84 @@ def plot_sweep(sweep: list[dict], baseline_acc: float | None, path: Path) -> Pat
     return path
 
 
-def build_report(results: dict[str, dict], sweep: list[dict], promotion: dict | None, notes: list[str], out_dir: Path) -> dict:
+def _promotion_lines(kind: Kind, p: dict) -> list[str]:
+    metric = p.get("metric", kind.selection.key)
+    cand = p.get("candidate", p.get("candidate_val_acc"))
+    base = p.get("baseline", p.get("baseline_val_acc"))
+    champ = p.get("champion_before", p.get("champion_val_acc_before"))
+    rule = "higher" if p.get("direction", kind.selection.direction) == "max" else "lower"
+    line = (f"- student version {p.get('candidate_version')}: {metric} {_num(cand)} vs baseline {_num(base)} "
+            f"(margin {_num(p.get('margin'))}, {rule} wins); champion before: {p.get('champion_version_before') or 'none'}")
+    if champ is not None:
+        line += f" ({_num(champ)})"
+    return ["## Promotion gate", "", line,
+            f"- decision: **{'promoted to champion' if p['promoted'] else 'not promoted'}** ({p['reason']})", ""]
+
+
+def _num(v: Any) -> str:
+    if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+        return f"{v:.4f}"
+    return "-"
+
+
+def _samples_lines(results: dict[str, dict]) -> list[str]:
+    lines: list[str] = []
+    for name, r in results.items():
+        samples = (r.get("test") or {}).get("samples")
+        if not samples:
+            continue
+        if not lines:
+            lines = ["## Samples (greedy, fixed prompts)", ""]
+        lines.append(f"**{name}**")
+        lines.append("")
+        for s in samples:
+            prompt, text = (s.get("prompt", ""), s.get("completion", s.get("text", ""))) if isinstance(s, dict) else ("", s)
+            lines.append(f"- `{_one_line(prompt)}` → {_one_line(text)}")
+        lines.append("")
+    return lines
+
+
+def _one_line(s: str) -> str:
+    return " ".join(str(s).split()).replace("|", "\\|")[:300]
+
+
+def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, notes: list[str], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = rows_for(results)
-    table = markdown_table(rows)
-    baseline_acc = results.get("baseline", {}).get("test", {}).get("test_accuracy")
-    curves = plot_curves(results, out_dir / "training_curves.png")
-    sweep_png = plot_sweep(sweep, baseline_acc, out_dir / "accuracy_vs_temperature.png") if sweep else None
-    lines = ["# distill-cifar comparison", "", table, ""]
-    if sweep:
-        lines += ["## Temperature sweep (test accuracy)", "", "| T | alpha | test acc | KD gain |", "|---|---|---|---|"]
-        for s in sorted(sweep, key=lambda s: (s["alpha"], s["temperature"])):
-            gain = "-" if baseline_acc is None else f"{100 * (s['test_accuracy'] - baseline_acc):+.2f} pt"
-            lines.append(f"| {s['temperature']:g} | {s['alpha']:g} | {100 * s['test_accuracy']:.2f} % | {gain} |")
+    rows = rows_for(kind, results)
+    table = markdown_table(kind.columns, rows)
+    tm = kind.test_metric
+    baseline = results.get("baseline", {}).get("test", {}).get(tm.key)
+    curves = plot_curves(kind, results, out_dir / "training_curves.png")
+    points = sweep_points(kind, results)
+    sweep_png = plot_sweep(kind, points, baseline, out_dir / f"{tm.key}_across_sweep.png") if len(points) > 1 else None
+    lines = [f"# {kind.flow} comparison", "", table, ""]
+    speed = {r.get("test", {}).get("speed_measured") for r in results.values()}
+    if speed == {"alone"}:
+        lines += ["Speed columns: each model measured on its own after every training stage had finished.", ""]
+    elif speed - {None}:
+        lines += ["Speed columns: some models were measured while other stages were training (under load).", ""]
+    if len(points) > 1:
+        xkey, lkey = kind.sweep_axes
+        keys = [k for k in (xkey, lkey) if k]
+        cols = [*keys, tm.key, "gain vs baseline"]
+        lines += ["## Sweep", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        col = next((c for c in kind.columns if c.key == tm.key), None)
+        gain_col = next((c for c in kind.columns if c.key == "gain"), None)
+        for p in sorted(points, key=lambda p: tuple(str(p.get(k)) for k in keys)):
+            gain = tm.gain(p[tm.key], baseline) if baseline is not None and p[tm.key] is not None else None
+            fmt = (col.format(p[tm.key]) if col else _num(p[tm.key]))
+            g = gain_col.format(gain) if gain_col else _num(gain)
+            lines.append("| " + " | ".join([*(f"{p.get(k)}" for k in keys), fmt, g]) + " |")
         lines.append("")
     if promotion:
-        lines += ["## Promotion gate", ""]
-        lines.append(
-            f"- student version {promotion.get('candidate_version')}: val acc {100 * promotion['candidate_val_acc']:.2f} % vs baseline "
-            f"{100 * promotion['baseline_val_acc']:.2f} % (margin {100 * promotion['margin']:.2f} pt); champion before: "
-            f"{promotion.get('champion_version_before') or 'none'}"
-            + (f" ({100 * promotion['champion_val_acc_before']:.2f} %)" if promotion.get("champion_val_acc_before") is not None else "")
-        )
-        lines.append(f"- decision: **{'promoted to champion' if promotion['promoted'] else 'not promoted'}** ({promotion['reason']})")
-        lines.append("")
+        lines += _promotion_lines(kind, promotion)
+    lines += _samples_lines(results)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    lines += ["Plots: training_curves.png" + (", accuracy_vs_temperature.png" if sweep_png else "")]
+    plots = [p for p in (curves, sweep_png) if p]
+    if plots:
+        lines += ["Plots: " + ", ".join(p.name for p in plots)]
     md = "\n".join(lines) + "\n"
     (out_dir / "report.md").write_text(md)
-    return {"markdown": md, "table": table, "rows": rows, "files": [str(p) for p in (out_dir / "report.md", curves, sweep_png) if p]}
+    return {"markdown": md, "table": table, "rows": rows,
+            "files": [str(p) for p in (out_dir / "report.md", *plots)]}

@@ -99,7 +99,6 @@ SIDECAR_SUFFIX = ".sha256"
 RESERVED_MARK = ".distill-"  # segments starting with this are the store's own (temporaries, locks)
 TMP_MARK = ".distill-tmp-"
 LOCK_DIR = ".distill-locks"
-DEFAULT_STORE_DIR = Path(".distill") / "store"
 MAX_KEY_BYTES = 1024  # S3's limit for a whole key (including the store prefix)
 MAX_SEGMENT_BYTES = 255  # a file name on common file systems
 
@@ -202,13 +201,14 @@ class LockTimeout(StoreError):
         return (type(self), (self.name, self.timeout, self._where, self.holder))
 
 
-_CORE_INTEGRITY = {("distill.checkpoint", "CheckpointError"), ("distill.image.data", "DataError")}
+_CORE_INTEGRITY = {("distill.checkpoint", "CheckpointError"), ("distill.errors", "DataError"),
+                   ("distill.image.stages", "ModelLoadError"), ("distill.lm.stages", "TokenizerMismatch")}
 
 
 def is_integrity_error(exc: BaseException | None) -> bool:
     """True if ``exc`` (or an exception it was explicitly raised ``from``) means bad bytes rather than a
     passing fault: :class:`IntegrityError` (:class:`ChecksumMismatch`, ...), ``distill.checkpoint
-    .CheckpointError`` and ``distill.image.data.DataError`` (recognised by class, without importing the compute
+    .CheckpointError``, ``distill.errors.DataError``, ``ModelLoadError`` and ``TokenizerMismatch`` (recognised by class, without importing the compute
     core).  For a Prefect ``retry_condition_fn``: such a failure fails at once instead of being retried."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
@@ -1687,12 +1687,14 @@ class S3Store(Store):
 def open_store(url: str | os.PathLike | None = None, *, create_bucket: bool = False, **s3_options: Any) -> Store:
     """Open a store from a URL.
 
-    ``None`` -> ``$DISTILL_STORE_URL`` -> ``file://<cwd>/.distill/store``;
+    ``None`` -> :func:`distill.home.store_url` (``$DISTILL_STORE_URL``, else ``<$DISTILL_HOME>/store``);
     ``file:///abs/dir`` or a plain path -> :class:`FileStore`;
     ``s3://bucket[/prefix]`` -> :class:`S3Store` (``create_bucket`` and ``s3_options`` apply only there).
     """
     if url is None:
-        url = os.environ.get("DISTILL_STORE_URL") or (Path.cwd() / DEFAULT_STORE_DIR)
+        from distill import home
+
+        url = home.store_url()
     if isinstance(url, os.PathLike):
         return FileStore(url)
     if not isinstance(url, str) or not url:

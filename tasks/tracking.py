@@ -3,9 +3,9 @@
 The compute core never calls MLflow: a training loop gets ``Tracker.log_fn(run_id)``,
 a plain ``callable(metrics, step)``.  Everything here goes through an explicit
 ``MlflowClient`` bound to one tracking URI and uses no active-run global state.  The one
-exception is :meth:`Tracker.log_model`: MLflow's model logging resolves the *global*
-tracking URI internally (also inside the registry store), so that call runs under a
-lock with the global URI temporarily set to this tracker's URI (and restored after).
+exceptions are :meth:`Tracker.log_model` and :meth:`Tracker.log_model_folder`: MLflow's model logging
+resolves the *global* tracking URI internally (also inside the registry store), so those calls run under
+a lock with the global URI temporarily set to this tracker's URI (and restored after).
 
 Run lifecycle: every run started here carries owner tags (host, pid, the pid's start time, boot id, optionally
 the Prefect flow run) so that :meth:`Tracker.end_dead_runs` can tell a run whose process was killed from a live
@@ -29,8 +29,9 @@ import sys
 import threading
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping, Union
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Literal, Mapping, Union
 from urllib.parse import unquote, urlsplit
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")  # offline machines; explicit user settings win
@@ -86,6 +87,10 @@ _LOCAL_LOCKS: dict[tuple[str, str], threading.Lock] = {}
 _LOCAL_LOCKS_GUARD = threading.Lock()
 
 PromotionLock = Union[ContextManager[Any], Callable[[], ContextManager[Any]]]
+Direction = Literal["max", "min"]
+HFFlavor = Literal["transformers", "files"]
+HF_FLAVORS: tuple[str, ...] = ("transformers", "files")
+DIRECTIONS: tuple[str, ...] = ("max", "min")
 
 
 class TrackingError(RuntimeError):
@@ -566,12 +571,9 @@ class Tracker:
         logged again; its tags are (re)applied and it is returned with ``reused=True``.
         """
         tags = _str_tags(tags)
-        existing = self.find_model_version(registered_name, run_id)
-        if existing is not None:
-            for k, v in tags.items():
-                if existing.tags.get(k) != v:
-                    self.client.set_model_version_tag(registered_name, existing.version, k, v)
-            return self._version_info(existing, reused=True)
+        reused = self._reuse_version(registered_name, run_id, tags)
+        if reused is not None:
+            return reused
 
         import mlflow.pytorch
         import numpy as np
@@ -624,6 +626,162 @@ class Tracker:
         log.info("registered %s version %s from run %s", registered_name, info["version"], run_id)
         return info
 
+    def log_model_folder(
+        self,
+        run_id: str,
+        folder: str | os.PathLike,
+        registered_name: str,
+        tags: Mapping[str, Any] | None = None,
+        *,
+        flavor: HFFlavor = "transformers",
+        task: str = "text-generation",
+    ) -> dict[str, Any]:
+        """Log a Hugging Face model folder (``config.json``, safetensors weights, tokenizer files) as a
+        LoggedModel of ``run_id`` and register it under ``registered_name`` with ``tags`` on the version.
+        Idempotent per (registered_name, run_id) like :meth:`log_model`: an existing version is reused (its
+        tags re-applied, ``reused=True``); returns the same dict as :meth:`log_model`.  Nothing is downloaded
+        (everything is read with ``local_files_only``) and nothing is pickled (weights stay safetensors).
+
+        ``flavor="transformers"`` (default): MLflow's transformers flavour, ``task`` its pipeline task.  The
+        folder's model (the task's auto class, e.g. ``AutoModelForCausalLM``, in its saved dtype) and tokenizer
+        are loaded into memory and handed to ``mlflow.transformers.log_model`` as components, which saves them
+        again with ``save_pretrained``: the model under ``model/``, the tokenizer under ``components/tokenizer/``,
+        plus ``MLmodel`` (transformers and pyfunc flavours); a ``README.md`` becomes MLflow's model card, other
+        files of the folder are not kept.  (MLflow 3.17 cannot log a local checkpoint *path* with transformers 5.x:
+        ``transformers.pipelines.check_task`` now gives the pipeline class as a string and MLflow fails on
+        ``.__name__``; hence the in-memory route.)  Load it with::
+
+            import mlflow
+            mlflow.set_tracking_uri(TRACKING_URI)
+            parts = mlflow.transformers.load_model(f"models:/{name}/{version}", return_type="components")
+            model, tokenizer = parts["model"], parts["tokenizer"]
+            # or without the flavour (also for "files"):
+            from pathlib import Path
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
+            model = AutoModelForCausalLM.from_pretrained(local / "model")
+            tok_dir = local / "components" / "tokenizer"  # "transformers"; with "files": local / "model"
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir if tok_dir.is_dir() else local / "model")
+
+        ``flavor="files"``: the folder is copied as is (byte for byte) under ``model/`` of the LoggedModel,
+        with an ``MLmodel`` file that records no loader flavour (metadata ``distill.format: hf-folder`` and
+        ``task``); load it with ``from_pretrained(local / "model")`` as above.  Nothing is loaded into memory,
+        so this suits any folder (e.g. a diffusers pipeline, with its own ``from_pretrained``)."""
+        if flavor not in HF_FLAVORS:
+            raise TrackingError(f"flavor must be one of {HF_FLAVORS}, not {flavor!r}")
+        folder = Path(folder).expanduser().resolve()
+        if not folder.is_dir():
+            raise TrackingError(f"model folder {folder} does not exist")
+        if flavor == "transformers" and not (folder / "config.json").is_file():
+            raise TrackingError(f"{folder} has no config.json: not a transformers model folder (use flavor='files')")
+        tags = _str_tags(tags)
+        reused = self._reuse_version(registered_name, run_id, tags)
+        if reused is not None:
+            return reused
+
+        components = self._load_hf_folder(folder, task) if flavor == "transformers" else None  # fails early
+        run = self.client.get_run(run_id)
+        logged = self.client.create_logged_model(
+            experiment_id=run.info.experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id, tags=tags or None,
+        )
+        if components is not None:
+            self._log_transformers_components(logged.model_id, run_id, components, task)
+        else:
+            self._log_files_folder(logged.model_id, run_id, folder, task)
+        with _global_tracking_uri(self.tracking_uri):  # the registry store resolves the LoggedModel globally
+            self._ensure_registered_model(registered_name)
+            version = self.client.create_model_version(
+                name=registered_name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags or None,
+                model_id=logged.model_id,
+            )
+        info = self._version_info(version, reused=False)
+        info["logged_model_uri"] = f"models:/{logged.model_id}"
+        log.info("registered %s version %s from run %s (%s folder %s)", registered_name, info["version"], run_id,
+                 flavor, folder)
+        return info
+
+    def _reuse_version(self, registered_name: str, run_id: str, tags: Mapping[str, str]) -> dict[str, Any] | None:
+        """The info of the version of ``registered_name`` already made from ``run_id`` (``tags`` re-applied)."""
+        existing = self.find_model_version(registered_name, run_id)
+        if existing is None:
+            return None
+        for k, v in tags.items():
+            if existing.tags.get(k) != v:
+                self.client.set_model_version_tag(registered_name, existing.version, k, v)
+        return self._version_info(existing, reused=True)
+
+    @staticmethod
+    def _load_hf_folder(folder: Path, task: str) -> dict[str, Any]:
+        """The components (model of ``task``'s auto class, tokenizer, model card) of ``folder``, from disk only."""
+        from transformers import AutoTokenizer, pipelines
+
+        try:
+            auto_class = pipelines.check_task(task)[1]["pt"][0]
+        except (KeyError, IndexError, TypeError) as e:
+            raise TrackingError(f"transformers task {task!r} has no model class: {e}") from None
+        try:
+            model = auto_class.from_pretrained(str(folder), local_files_only=True, dtype="auto")
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise TrackingError(f"cannot load the model and tokenizer of {folder} for task {task!r} "
+                                f"(use flavor='files' to log the folder as is): {e}") from None
+        model.eval()
+        card = None
+        if (folder / "README.md").is_file():  # else MLflow looks the card up on the Hub (by the local path:
+            try:                              # rejected as a repo id before any request)
+                from huggingface_hub import ModelCard
+
+                card = ModelCard.load(folder / "README.md")
+            except Exception as e:  # noqa: BLE001
+                log.debug("README.md of %s is no model card: %s", folder, e)
+        return {"model": model, "tokenizer": tokenizer, "card": card}
+
+    def _log_transformers_components(self, model_id: str, run_id: str, components: Mapping[str, Any],
+                                     task: str) -> None:
+        """``mlflow.transformers.log_model`` into the LoggedModel ``model_id`` (which it marks READY, or FAILED
+        when it raises)."""
+        import mlflow.transformers
+        import torch
+        import transformers
+
+        requirements = [
+            f"mlflow=={mlflow.__version__}",
+            f"torch=={torch.__version__.split('+')[0]}",
+            f"transformers=={transformers.__version__}",
+        ]
+        with _global_tracking_uri(self.tracking_uri):
+            mlflow.transformers.log_model(
+                {"model": components["model"], "tokenizer": components["tokenizer"]},
+                name=MODEL_ARTIFACT_NAME,
+                task=task,
+                model_card=components["card"],
+                model_id=model_id,
+                run_id=run_id,
+                pip_requirements=requirements,  # explicit: no requirement inference (it loads the model again)
+            )
+
+    def _log_files_folder(self, model_id: str, run_id: str, folder: Path, task: str) -> None:
+        import tempfile
+
+        from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+        from mlflow.models import Model
+
+        try:
+            self._with_retries(self.client.log_outputs, run_id, [LoggedModelOutput(model_id, step=0)])
+            self.client.log_model_artifacts(model_id, str(folder), MODEL_ARTIFACT_NAME)
+            with tempfile.TemporaryDirectory() as tmp:
+                meta = Model(run_id=run_id, model_uuid=model_id, model_id=model_id,
+                             metadata={"distill.format": "hf-folder", "task": task, "path": MODEL_ARTIFACT_NAME})
+                meta.save(os.path.join(tmp, "MLmodel"))
+                self.client.log_model_artifacts(model_id, tmp)
+        except BaseException:
+            try:
+                self.client.finalize_logged_model(model_id, LoggedModelStatus.FAILED)
+            except Exception as e:  # noqa: BLE001 - never mask the cause
+                log.warning("could not mark LoggedModel %s FAILED: %s", model_id, self._redact(e))
+            raise
+        self._with_retries(self.client.finalize_logged_model, model_id, LoggedModelStatus.READY)
+
     def _ensure_registered_model(self, name: str) -> None:
         try:
             self.client.create_registered_model(name)
@@ -661,35 +819,53 @@ class Tracker:
         self,
         name: str,
         version: str,
-        candidate_val_acc: float,
-        baseline_val_acc: float,
+        candidate: float,
+        baseline: float,
         margin: float,
         *,
+        metric: str = VAL_ACC_TAG,
+        direction: Direction = "max",
         lock: PromotionLock | None = None,
         pending_ttl_s: float = PENDING_TTL_S,
     ) -> dict[str, Any]:
-        """Gate: alias ``challenger`` -> version always; alias ``champion`` -> version iff
-        ``candidate >= baseline + margin``, (no champion, or candidate > champion's ``val_acc`` version tag)
-        and no stronger candidate is being promoted concurrently.  Re-running for the current champion is a
-        no-op that reports ``promoted=True``.
+        """Gate on ``metric`` (higher wins with ``direction="max"``, e.g. ``val_acc``; lower wins with
+        ``"min"``, e.g. ``val_ppl`` or ``fid``): alias ``challenger`` -> version always; alias ``champion`` ->
+        version iff the candidate passes ``threshold`` (max: ``candidate >= baseline + margin``; min:
+        ``candidate <= baseline - margin``), beats the champion strictly (max: greater, min: lower than the
+        champion's value, read from its version tag named ``metric``; no champion: nothing to beat) and no
+        stronger candidate is being promoted concurrently.  The candidate's version gets the tag ``metric``
+        (its value) where it has none.  A candidate, baseline or margin that is not a finite number (NaN, inf:
+        a diverged run) never passes.  A champion without a usable ``metric`` tag (e.g. promoted on another
+        metric) is never replaced automatically.  Re-running for the current champion is a no-op that reports
+        ``promoted=True``.  Reasons name the metric and the comparison, e.g.
+        ``"candidate val_ppl 41.2000 > baseline 40.0000 - margin 0.5000 = 39.5000"``.
+
+        Returns ``promoted``, ``reason``, ``metric``, ``direction``, ``candidate_version``, ``candidate``,
+        ``baseline``, ``margin``, ``threshold``, ``champion_version_before``, ``champion_before`` (its
+        ``metric`` value, None when there was no champion or no usable tag) and ``champion_version_after``.
 
         Concurrency: ``lock`` serialises the promotions of ``name`` across processes: a context manager, or a
         callable returning one (e.g. ``functools.partial(store.lock, f"locks/promote/{name}")``); without one
         only the promotions of this process are serialised.  Everything from reading the champion to setting
         the aliases and the ``promotion.decision`` / ``promotion.reason`` tags happens while it is held.
         Before waiting for it, the candidate announces itself on its version (tag ``promotion.pending``: its
-        val_acc, its own threshold, time and owner); a candidate that would pass the gate but sees a stronger
-        announced candidate that would pass its own gate and beat the champion is rejected in favour of that
-        one (a tie goes to the lower version).  So however the lock orders candidates that overlap in time,
-        exactly the strongest is promoted.  Announcements older than ``pending_ttl_s`` or of a dead owner
-        (same-host check) are ignored; the tag is removed once the candidate has decided."""
+        metric, direction, value, its own threshold, time and owner); a candidate that would pass the gate but
+        sees a stronger announced candidate (same metric and direction) that would pass its own gate and beat
+        the champion is rejected in favour of that one (a tie goes to the lower version).  So however the lock
+        orders candidates that overlap in time, exactly the strongest is promoted.  Announcements on another
+        metric or direction cannot be compared and are ignored, as are those older than ``pending_ttl_s`` or of
+        a dead owner (same-host check); the tag is removed once the candidate has decided."""
+        if direction not in DIRECTIONS:
+            raise TrackingError(f"promotion direction must be one of {DIRECTIONS}, not {direction!r}")
+        if not isinstance(metric, str) or not metric or metric != metric.strip():
+            raise TrackingError(f"promotion metric must be a non-empty tag name, not {metric!r}")
         version = str(version)
-        candidate, baseline, margin = float(candidate_val_acc), float(baseline_val_acc), float(margin)
-        self._announce(name, version, candidate, baseline + margin)
+        gate = _Gate(metric, direction, float(candidate), float(baseline), float(margin))
+        self._announce(name, version, gate)
         try:
             with self._promotion_lock(name, lock):
                 try:
-                    return self._promote_locked(name, version, candidate, baseline, margin, pending_ttl_s)
+                    return self._promote_locked(name, version, gate, pending_ttl_s)
                 finally:
                     self._withdraw(name, version)
         except BaseException:
@@ -708,8 +884,11 @@ class Tracker:
                 return cm
         raise TrackingError(f"promotion lock must be a context manager or a callable returning one, not {lock!r}")
 
-    def _announce(self, name: str, version: str, candidate: float, threshold: float) -> None:
-        info = {"val_acc": candidate, "threshold": threshold, "ts": time.time(), **owner_tags(self.owner_flow_run_id)}
+    def _announce(self, name: str, version: str, gate: "_Gate") -> None:
+        info: dict[str, Any] = {"metric": gate.metric, "direction": gate.direction, "value": gate.candidate,
+                                "threshold": gate.threshold, "ts": time.time(), **owner_tags(self.owner_flow_run_id)}
+        if (gate.metric, gate.direction) == (VAL_ACC_TAG, "max"):
+            info["val_acc"] = gate.candidate  # also understood by the val_acc-only gate of earlier releases
         self._with_retries(self.client.set_model_version_tag, name, version, PROMOTION_PENDING_TAG, json.dumps(info))
 
     def _withdraw(self, name: str, version: str) -> None:
@@ -718,8 +897,10 @@ class Tracker:
         except Exception as e:  # noqa: BLE001 - already gone; a leftover is ignored once stale or decided
             log.debug("could not remove %s from %s v%s: %s", PROMOTION_PENDING_TAG, name, version, self._redact(e))
 
-    def _pending_rivals(self, name: str, version: str, ttl: float) -> list[tuple[str, float, float]]:
-        """(version, val_acc, threshold) of the other candidates of ``name`` announced and not yet decided."""
+    def _pending_rivals(self, name: str, version: str, gate: "_Gate", ttl: float) -> list[tuple[str, float, float]]:
+        """(version, value, threshold) of the other candidates of ``name`` announced on the same metric and
+        direction as ``gate`` and not yet decided.  An announcement without metric/direction (earlier
+        releases) is a ``val_acc`` / ``max`` one."""
         rivals, token = [], None
         while True:
             page = self._with_retries(self.client.search_model_versions, f"name = {_quote(name)}", page_token=token)
@@ -729,51 +910,62 @@ class Tracker:
                     continue
                 try:
                     info = json.loads(raw)
-                    acc, threshold, ts = float(info["val_acc"]), float(info["threshold"]), float(info["ts"])
-                except (ValueError, TypeError, KeyError):
+                    metric, direction = str(info.get("metric", VAL_ACC_TAG)), str(info.get("direction", "max"))
+                    value = float(info["value"] if "value" in info else info["val_acc"])
+                    threshold, ts = float(info["threshold"]), float(info["ts"])
+                except (ValueError, TypeError, KeyError, AttributeError):
+                    continue
+                if (metric, direction) != (gate.metric, gate.direction):
+                    log.warning("%s v%s is being promoted on %s (%s), this candidate v%s on %s (%s): not compared",
+                                name, mv.version, metric, direction, version, gate.metric, gate.direction)
                     continue
                 if time.time() - ts > ttl or owner_liveness({k: str(v) for k, v in info.items()})[0] is False:
                     continue  # stale: its process is gone (or too old to trust)
-                rivals.append((str(mv.version), acc, threshold))
+                rivals.append((str(mv.version), value, threshold))
             token = page.token
             if not token:
                 return rivals
 
-    def _champion(self, name: str) -> tuple[str | None, float | None]:
+    def _champion(self, name: str, metric: str) -> tuple[str | None, float | None]:
+        """(version, value of its ``metric`` tag) of the champion; the value is None where the tag is missing
+        or not a finite number; (None, None) without a champion."""
         champ = self._with_retries(self.get_alias, name, CHAMPION)
         if champ is None:
             return None, None
         try:
-            return str(champ.version), float(champ.tags[VAL_ACC_TAG])
-        except (KeyError, ValueError):
+            value = float(champ.tags[metric])
+        except (KeyError, ValueError, TypeError):
             return str(champ.version), None
+        return str(champ.version), value if math.isfinite(value) else None
 
-    def _promote_locked(self, name: str, version: str, candidate: float, baseline: float, margin: float,
-                        pending_ttl_s: float) -> dict[str, Any]:
+    def _promote_locked(self, name: str, version: str, gate: "_Gate", pending_ttl_s: float) -> dict[str, Any]:
         mv = self._with_retries(self.client.get_model_version, name, version)
-        if VAL_ACC_TAG not in mv.tags:
-            self._with_retries(self.client.set_model_version_tag, name, version, VAL_ACC_TAG, repr(candidate))
+        if gate.metric not in mv.tags:
+            self._with_retries(self.client.set_model_version_tag, name, version, gate.metric, repr(gate.candidate))
         self._with_retries(self.client.set_registered_model_alias, name, CHALLENGER, version)
 
-        champ_version, champ_acc = self._champion(name)  # re-read inside the critical section
-        rivals = self._pending_rivals(name, version, pending_ttl_s)
-        promoted, reason = _gate(version, candidate, baseline, margin, champ_version, champ_acc, rivals)
+        champ_version, champ_value = self._champion(name, gate.metric)  # re-read inside the critical section
+        rivals = self._pending_rivals(name, version, gate, pending_ttl_s)
+        promoted, reason = gate.decide(version, champ_version, champ_value, rivals)
         if promoted and champ_version != version:
             self._with_retries(self.client.set_registered_model_alias, name, CHAMPION, version)
         self._with_retries(self.client.set_model_version_tag, name, version, PROMOTION_DECISION_TAG,
                            "promoted" if promoted else "rejected")
         self._with_retries(self.client.set_model_version_tag, name, version, PROMOTION_REASON_TAG,
                            _truncate(reason, MAX_TAG_VALUE))
-        after, _ = self._champion(name)
+        after, _ = self._champion(name, gate.metric)
         return {
             "promoted": promoted,
             "reason": reason,
+            "metric": gate.metric,
+            "direction": gate.direction,
             "candidate_version": version,
-            "candidate_val_acc": candidate,
-            "baseline_val_acc": baseline,
-            "margin": margin,
+            "candidate": gate.candidate,
+            "baseline": gate.baseline,
+            "margin": gate.margin,
+            "threshold": gate.threshold,
             "champion_version_before": champ_version,
-            "champion_val_acc_before": champ_acc,
+            "champion_before": champ_value,
             "champion_version_after": after,
         }
 
@@ -785,30 +977,65 @@ def _version_key(version: str) -> int:
         return sys.maxsize
 
 
-def _gate(version: str, candidate: float, baseline: float, margin: float, champ_version: str | None,
-          champ_acc: float | None, rivals: list[tuple[str, float, float]]) -> tuple[bool, str]:
-    """(promoted, reason) of the promotion gate; ``rivals``: concurrently announced (version, val_acc, threshold)."""
-    threshold = baseline + margin
-    if champ_version == version:
-        return True, f"version {version} is already the champion"
-    if math.isnan(candidate) or not candidate >= threshold:
-        return False, (f"candidate val_acc {candidate:.4f} < baseline {baseline:.4f} + margin {margin:.4f}"
-                       f" = {threshold:.4f}")
-    if champ_version is not None and champ_acc is None:
-        return False, f"champion version {champ_version} has no usable {VAL_ACC_TAG!r} tag; not replaced automatically"
-    if champ_version is not None and not candidate > champ_acc:
-        return False, f"candidate val_acc {candidate:.4f} does not beat champion v{champ_version} ({champ_acc:.4f})"
+def _f(value: float) -> str:
+    return f"{value:.4f}"
 
-    def stronger(rival: tuple[str, float, float]) -> bool:
-        v, acc, thr = rival
-        would_win = acc >= thr and (champ_version is None or acc > champ_acc)  # its own gate, on this champion
-        return would_win and (acc > candidate or (acc == candidate and _version_key(v) < _version_key(version)))
 
-    better = [r for r in rivals if not math.isnan(r[1]) and stronger(r)]
-    if better:
-        v, acc, _ = max(better, key=lambda r: (r[1], -_version_key(r[0])))
-        return False, (f"candidate val_acc {candidate:.4f} passes the gate, but version {v} (val_acc {acc:.4f}), "
-                       "promoted concurrently, is stronger")
-    return True, (f"candidate val_acc {candidate:.4f} >= baseline + margin {threshold:.4f}"
-                  + (f" and beats champion v{champ_version} ({champ_acc:.4f})" if champ_version is not None else
-                     "; no previous champion"))
+@dataclass(frozen=True)
+class _Gate:
+    """The promotion gate of one candidate: ``metric`` compared in ``direction`` ("max": higher wins, "min":
+    lower wins) against ``baseline`` with ``margin`` (>= 0 asks the candidate to be that much better)."""
+
+    metric: str
+    direction: Direction
+    candidate: float
+    baseline: float
+    margin: float
+
+    @property
+    def threshold(self) -> float:
+        return self.baseline + self.margin if self.direction == "max" else self.baseline - self.margin
+
+    def passes(self, value: float, threshold: float) -> bool:
+        """``value`` reaches ``threshold``."""
+        return value >= threshold if self.direction == "max" else value <= threshold
+
+    def better(self, a: float, b: float) -> bool:
+        """``a`` is strictly better than ``b``."""
+        return a > b if self.direction == "max" else a < b
+
+    def decide(self, version: str, champ_version: str | None, champ_value: float | None,
+               rivals: list[tuple[str, float, float]]) -> tuple[bool, str]:
+        """(promoted, reason); ``rivals``: concurrently announced (version, value, threshold) on this metric."""
+        m, c, thr = self.metric, self.candidate, self.threshold
+        if champ_version == version:
+            return True, f"version {version} is already the champion"
+        if not all(math.isfinite(x) for x in (c, self.baseline, self.margin)):
+            return False, (f"candidate {m} {_f(c)}, baseline {_f(self.baseline)}, margin {_f(self.margin)}: "
+                           "not all finite numbers; not promoted")
+        if not self.passes(c, thr):
+            op, sign = ("<", "+") if self.direction == "max" else (">", "-")
+            return False, (f"candidate {m} {_f(c)} {op} baseline {_f(self.baseline)} {sign} margin {_f(self.margin)}"
+                           f" = {_f(thr)}")
+        if champ_version is not None and champ_value is None:
+            return False, f"champion version {champ_version} has no usable {m!r} tag; not replaced automatically"
+        if champ_version is not None and not self.better(c, champ_value):
+            return False, f"candidate {m} {_f(c)} does not beat champion v{champ_version} ({m} {_f(champ_value)})"
+
+        def stronger(rival: tuple[str, float, float]) -> bool:
+            v, value, rival_thr = rival
+            # its own gate, on this champion
+            would_win = self.passes(value, rival_thr) and (champ_version is None or self.better(value, champ_value))
+            return would_win and (self.better(value, c) or (value == c and _version_key(v) < _version_key(version)))
+
+        stronger_rivals = [r for r in rivals if math.isfinite(r[1]) and stronger(r)]
+        if stronger_rivals:
+            sign = 1.0 if self.direction == "max" else -1.0
+            v, value, _ = max(stronger_rivals, key=lambda r: (sign * r[1], -_version_key(r[0])))
+            return False, (f"candidate {m} {_f(c)} passes the gate, but version {v} ({m} {_f(value)}), "
+                           "promoted concurrently, is stronger")
+        op, sign = (">=", "+") if self.direction == "max" else ("<=", "-")
+        return True, (f"candidate {m} {_f(c)} {op} baseline {_f(self.baseline)} {sign} margin {_f(self.margin)}"
+                      f" = {_f(thr)}"
+                      + (f" and beats champion v{champ_version} ({m} {_f(champ_value)})" if champ_version is not None
+                         else "; no previous champion"))

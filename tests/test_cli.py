@@ -49,8 +49,9 @@ def test_stage_commands_end_to_end(prepared, capsys):
     capsys.readouterr()
     assert main(["stage", "evaluate", "--model", str(tmp / "s"), "--data", data, "--teacher", str(tmp / "t"), *args]) == 0
     metrics = json.loads(capsys.readouterr().out)
-    for key in ("accuracy", "loss", "ece", "agreement", "params", "size_mb", "latency_ms_b1_cpu", "throughput_b8_cpu"):
+    for key in ("test_accuracy", "test_loss", "test_ece", "agreement", "params", "size_mb", "latency_ms_b1", "throughput"):
         assert key in metrics, key
+    assert metrics["throughput_batch"] == 8 and metrics["speed_device"] == "cpu"
     for d in ("t", "b", "s"):
         for f in ("model.safetensors", "config.json", "metrics.json", "history.json"):
             assert (tmp / d / f).exists()

@@ -347,7 +347,9 @@ def test_run_local_moves_tracking_credentials_out_of_the_parameters(monkeypatch)
             return False
 
     monkeypatch.setattr(cifar, "distill_cifar", fake_flow)
-    monkeypatch.setattr(cifar, "embedded_prefect_server", NoServer)
+    import flows.embedded
+
+    monkeypatch.setattr(flows.embedded, "embedded_prefect_server", NoServer)
     monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
     monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
     cifar.run_local(tracking_uri="http://alice:s3cr3t-pw@127.0.0.1:5000")

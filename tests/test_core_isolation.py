@@ -17,11 +17,15 @@ class Block(importlib.abc.MetaPathFinder):
         return None
 sys.meta_path.insert(0, Block())
 import distill, distill.image.config, distill.image.data, distill.image.models, distill.image.losses, distill.image.train
-import distill.checkpoint, distill.image.evaluate, distill.image.stages, distill.cli
+import distill.checkpoint, distill.image.evaluate, distill.image.stages, distill.cli, distill.kinds, distill.home
+import distill.image.kind, distill.runtime, distill.stage_output, distill.lm.kind, distill.lm.config
 try:
     distill.cli.main(["config", "--profile", "seed"])
+    distill.cli.main(["config", "--kind", "lm", "--profile", "seed"])
 except SystemExit:
     pass
+# `distill run` finds the flows through entry points: with flows/ unavailable it fails with a message
+assert distill.cli.main(["run", "cifar", "--profile", "smoke"]) == 2
 bad = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 assert not bad, bad
 print("CORE-OK")

@@ -106,6 +106,11 @@ def _check_prepared(prep, n_train=12, n_test=4, val_size=6):
         # Pixels and labels stay together: the class's channel is the bright one.
         means = x.float().mean(dim=(2, 3))  # [N, 3]
         assert torch.equal(means.argmax(1), torch.tensor([class_channel(int(l)) for l in y]))
+    # the training split's own per-channel pixel statistics are recorded for normalisation
+    train = arrays["train"][0].numpy().astype(np.float64) / 255.0
+    assert m["normalization"]["split"] == "train"
+    np.testing.assert_allclose(m["normalization"]["mean"], train.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(m["normalization"]["std"], train.std(axis=(0, 2, 3)), rtol=1e-12)
     return arrays
 
 
@@ -617,6 +622,9 @@ def test_class_mismatch_names_the_classes_of_both_sides(tmp_path, as_tarballs):
 # ------------------------------------------------------------------------------------------
 
 
+STATS = (CIFAR10_MEAN, CIFAR10_STD)
+
+
 def _manual_norm(x_uint8):
     mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
@@ -625,17 +633,17 @@ def _manual_norm(x_uint8):
 
 def test_normalize_matches_manual():
     x = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    out = normalize(x)
+    out = normalize(x, *STATS)
     assert out.dtype == torch.float32 and out.shape == x.shape
     torch.testing.assert_close(out, _manual_norm(x), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(normalize(x[0]), _manual_norm(x[:1])[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(normalize(x[0], *STATS), _manual_norm(x[:1])[0], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError):
-        normalize(x.float())
+        normalize(x.float(), *STATS)
 
 
 def test_augment_shape_dtype_and_determinism():
     x = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    aug = Augment()
+    aug = Augment(*STATS)
     a = aug(x, torch.Generator().manual_seed(7))
     b = aug(x, torch.Generator().manual_seed(7))
     c = aug(x, torch.Generator().manual_seed(8))
@@ -649,23 +657,23 @@ def test_augment_flip_only():
     # Left half 0, right half 255: a flip swaps the halves; nothing else changes.
     x = torch.zeros(200, 3, 32, 32, dtype=torch.uint8)
     x[..., 16:] = 255
-    out = Augment(pad=0, flip=True)(x, torch.Generator().manual_seed(0))
-    plain = normalize(x)
-    flipped = normalize(x.flip(-1))
+    out = Augment(*STATS, pad=0, flip=True)(x, torch.Generator().manual_seed(0))
+    plain = normalize(x, *STATS)
+    flipped = normalize(x.flip(-1), *STATS)
     is_plain = (out == plain).flatten(1).all(1)
     is_flipped = (out == flipped).flatten(1).all(1)
     assert bool((is_plain ^ is_flipped).all())
     assert 60 < int(is_flipped.sum()) < 140  # p = 0.5
     # flip=False, pad=0 is plain normalisation.
-    assert torch.equal(Augment(pad=0, flip=False)(x), plain)
+    assert torch.equal(Augment(*STATS, pad=0, flip=False)(x), plain)
 
 
 def test_augment_crop_shifts_and_zero_padding():
     n = 300
     x = torch.full((n, 3, 32, 32), 200, dtype=torch.uint8)
-    out = Augment(pad=4, flip=False)(x, torch.Generator().manual_seed(0))
-    zero = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8))  # normalised black
-    val = normalize(torch.full((1, 3, 1, 1), 200, dtype=torch.uint8))
+    out = Augment(*STATS, pad=4, flip=False)(x, torch.Generator().manual_seed(0))
+    zero = normalize(torch.zeros(1, 3, 1, 1, dtype=torch.uint8), *STATS)  # normalised black
+    val = normalize(torch.full((1, 3, 1, 1), 200, dtype=torch.uint8), *STATS)
     is_zero = torch.isclose(out, zero.expand_as(out))
     is_val = torch.isclose(out, val.expand_as(out))
     assert bool((is_zero | is_val).all())  # every pixel is image or padding
@@ -705,8 +713,8 @@ def test_augment_generator_device_mismatch_is_handled():
     # A CPU generator with CPU data; a generator is only consumed on its own device.
     x = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     g = torch.Generator(device="cpu").manual_seed(0)
-    assert Augment()(x, g).device == x.device
-    assert Augment()(x).shape == x.shape  # global RNG
+    assert Augment(*STATS)(x, g).device == x.device
+    assert Augment(*STATS)(x).shape == x.shape  # global RNG
 
 
 # ------------------------------------------------------------------------------------------

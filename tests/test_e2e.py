@@ -190,3 +190,50 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+def test_lm_deployment_run_on_gpu_pool(stack):
+    """`prefect deployment run distill-lm/local` on a tiny Llama teacher, every stage (teacher, pruned init,
+    baseline, student, sweep) dispatched to the gpu pool's process worker; S3 store, MLflow server."""
+    from mlflow import MlflowClient
+
+    from _tinylm import available, make_tiny_lm, tiny_lm_overrides
+
+    if not available():
+        pytest.skip("../shared/data (GPT-2 tokenizer, Tiny Shakespeare) is missing")
+    lab = make_tiny_lm(stack["base"] / "tinylm")
+    params = {"params": {"profile": "smoke", "train_pool": "gpu",
+                         "overrides": tiny_lm_overrides(lab, stack["base"] / "lmcache")}}
+    old = dict(os.environ)
+    os.environ.update(stack["s3"].env)
+    try:
+        from tasks.storage import open_store
+
+        store = open_store(f"s3://{BUCKET}/store")
+        r = _prefect(["deployment", "run", "distill-lm/local", "--params", json.dumps(params),
+                      "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
+        logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout)
+                         if p.exists())
+        assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
+        run_id = next(l for l in r.stdout.splitlines() if "UUID:" in l).split("UUID:")[1].strip()
+        trains = _train_runs(stack, run_id)
+        assert sorted(t["name"] for t in trains) == ["baseline", "student", "student-init", "sweep-rkl", "teacher"]
+        assert all(t["work_pool_name"] == "gpu" and t["state_type"] == "COMPLETED" for t in trains)
+        summary = store.get_json(f"runs/{run_id}/summary.json")
+        assert summary["kind"] == "lm"
+        for name, res in summary["results"].items():
+            stored = store.get_json(f"{res['stage_key']}/result.json")
+            assert stored["executed_by"]["pool"] == "gpu" and stored["kind"] == "lm"
+            assert "model.safetensors" in store.dir_manifest(f"{res['stage_key']}/model")
+            assert res["test"]["test_ppl"] > 1
+        client = MlflowClient(tracking_uri=stack["mlflow"])
+        for role in ("teacher", "baseline", "student"):
+            (mv,) = client.search_model_versions(f"name='distill-lm-{role}'")
+            assert mv.tags["prefect_flow_run_id"] == run_id and mv.tags["distill.kind"] == "lm"
+        promo = summary["registration"]["promotion"]
+        assert promo["metric"] == "val_ppl" and promo["direction"] == "min"
+        report = store.get_dir_file(f"runs/{run_id}/report", "report.md").decode()
+        assert "# distill-lm comparison" in report and "gap closed" in report
+    finally:
+        os.environ.clear()
+        os.environ.update(old)

@@ -89,7 +89,7 @@ def test_pipeline_in_process_then_teacher_reuse(env):
         assert [m.step for m in hist] == [1, 2]
         assert "test_accuracy" in r.data.metrics
     parent_art = {a.path for a in client.list_artifacts(first["mlflow_parent_run_id"], "report")}
-    assert {"report/report.md", "report/training_curves.png", "report/accuracy_vs_temperature.png"} <= parent_art
+    assert {"report/report.md", "report/training_curves.png", "report/test_accuracy_across_sweep.png"} <= parent_art
 
     # the report is also a Prefect artifact (markdown + table), and per-stage progress artifacts exist
     from prefect.client.orchestration import get_client
@@ -157,7 +157,7 @@ def test_registration_is_idempotent(env):
         full[role] = {**store.get_json(f"{prefix}/result.json"), "role": role,
                       "mlflow_run_id": summary["results"][role]["mlflow_run_id"]}
     again = register_models.fn(
-        full, store_url=env["store"], tracking_uri=env["mlflow"], experiment="idem", data_key=summary["data"]["data_key"],
+        "cifar", full, store_url=env["store"], tracking_uri=env["mlflow"], experiment="idem", data_key=summary["data"]["data_key"],
         lineage={"prefect_flow_run_id": summary["flow_run_id"]}, margin=0.0,
     )
     after = {r: len(client.search_model_versions(f"name='idem-{r}'")) for r in ("teacher", "baseline", "student")}
@@ -291,7 +291,7 @@ def test_killed_training_stage_resumes_from_store(tmp_path):
     lab = load_profile("smoke", ov).model_dump(mode="json")
     store_url = (tmp_path / "store").as_uri()
     store = open_store(store_url)
-    data = prepare_data.fn(lab, store_url)
+    data = prepare_data.fn("cifar", lab, store_url)
 
     def job(prefix):
         p = tmp_path / f"{prefix}.json"

@@ -393,12 +393,20 @@ def test_k8s_manifests_are_consistent():
 # --------------------------------------------------------------------------------------------
 
 EXPECTED_DEPLOYMENTS = {
-    # name -> (entrypoint, flow name, work pool)
-    "local": ("flows/cifar.py:distill_cifar", "distill-cifar", "cpu"),
-    "gpu-weekly": ("flows/cifar.py:distill_cifar", "distill-cifar", "cpu"),
-    "gpu": ("flows/train.py:distill_train", "distill-train", "gpu"),
-    "cpu": ("flows/train.py:distill_train", "distill-train", "cpu"),
+    # <flow>/<deployment> -> (entrypoint, flow name, work pool)
+    "distill-cifar/local": ("flows/cifar.py:distill_cifar", "distill-cifar", "cpu"),
+    "distill-cifar/gpu-weekly": ("flows/cifar.py:distill_cifar", "distill-cifar", "cpu"),
+    "distill-lm/local": ("flows/lm.py:distill_lm", "distill-lm", "cpu"),
+    "distill-lm/gpu": ("flows/lm.py:distill_lm", "distill-lm", "cpu"),
+    "distill-train/gpu": ("flows/train.py:distill_train", "distill-train", "gpu"),
+    "distill-train/cpu": ("flows/train.py:distill_train", "distill-train", "cpu"),
 }
+_FLOW_OF = {"flows/cifar.py": "distill-cifar", "flows/lm.py": "distill-lm", "flows/train.py": "distill-train"}
+
+
+def _deployments(prefect_yaml) -> dict:
+    """<flow>/<name> -> deployment (deployment names are unique per flow, not across flows)."""
+    return {f"{_FLOW_OF[d['entrypoint'].split(':')[0]]}/{d['name']}": d for d in prefect_yaml["deployments"]}
 
 
 @pytest.fixture(scope="module")
@@ -412,7 +420,7 @@ def _pull_dir(steps) -> str:
 
 
 def test_prefect_yaml_deployments(prefect_yaml):
-    deps = {d["name"]: d for d in prefect_yaml["deployments"]}
+    deps = _deployments(prefect_yaml)
     assert set(deps) == set(EXPECTED_DEPLOYMENTS)
     for name, (entrypoint, _flow, pool) in EXPECTED_DEPLOYMENTS.items():
         d = deps[name]
@@ -420,9 +428,11 @@ def test_prefect_yaml_deployments(prefect_yaml):
         assert re.fullmatch(r"[\w/.-]+\.py:[A-Za-z_]\w*", d["entrypoint"])
         assert d["work_pool"]["name"] == pool
     # distill_cifar(params: PipelineParams): the parameters are nested under `params`
-    assert deps["local"]["parameters"] == {"params": {"profile": "smoke"}}
-    assert deps["gpu-weekly"]["parameters"] == {"params": {"profile": "seed", "train_pool": "gpu"}}
-    for name in ("gpu", "cpu"):  # distill-train gets `job` from distill-cifar via run_deployment
+    assert deps["distill-cifar/local"]["parameters"] == {"params": {"profile": "smoke"}}
+    assert deps["distill-cifar/gpu-weekly"]["parameters"] == {"params": {"profile": "seed", "train_pool": "gpu"}}
+    assert deps["distill-lm/local"]["parameters"] == {"params": {"profile": "smoke"}}
+    assert deps["distill-lm/gpu"]["parameters"] == {"params": {"profile": "full", "train_pool": "gpu"}}
+    for name in ("distill-train/gpu", "distill-train/cpu"):  # distill-train gets `job` via run_deployment
         assert not deps[name].get("parameters")
     # no docker build/push: the image is built from the Dockerfile separately
     assert prefect_yaml["build"] is None and prefect_yaml["push"] is None
@@ -430,9 +440,10 @@ def test_prefect_yaml_deployments(prefect_yaml):
     # or by the worker at run time when unset at deploy time)
     assert _pull_dir(prefect_yaml["pull"]) == "{{ $DISTILL_PROJECT_DIR }}"
     # the gpu deployment runs in the training image, whose code lives in its WORKDIR
-    assert _pull_dir(deps["gpu"]["pull"]) == IMAGE_WORKDIR
-    for name in ("local", "gpu-weekly", "cpu"):
-        assert "pull" not in deps[name]
+    assert _pull_dir(deps["distill-train/gpu"]["pull"]) == IMAGE_WORKDIR
+    for name in deps:
+        if name != "distill-train/gpu":
+            assert "pull" not in deps[name]
 
 
 def test_prefect_yaml_weekly_schedule(prefect_yaml):
@@ -443,8 +454,8 @@ def test_prefect_yaml_weekly_schedule(prefect_yaml):
     except ImportError:  # Prefect 3.9 vendors croniter instead of depending on it
         from prefect._vendor.croniter import croniter
 
-    deps = {d["name"]: d for d in prefect_yaml["deployments"]}
-    (sched,) = deps["gpu-weekly"]["schedules"]
+    deps = _deployments(prefect_yaml)
+    (sched,) = deps["distill-cifar/gpu-weekly"]["schedules"]
     assert croniter.is_valid(sched["cron"])
     # the validation Prefect applies to a deployment's cron schedule
     CronSchedule(cron=sched["cron"], timezone=sched["timezone"])
@@ -455,8 +466,9 @@ def test_prefect_yaml_weekly_schedule(prefect_yaml):
     it = croniter(sched["cron"], 0)
     a, b = it.get_next(float), it.get_next(float)
     assert b - a == 7 * 24 * 3600
-    for name in ("local", "gpu", "cpu"):
-        assert not deps[name].get("schedules")
+    for name in deps:
+        if name != "distill-cifar/gpu-weekly":
+            assert not deps[name].get("schedules")
 
 
 def _flow_functions(path: Path) -> dict[str, str | None]:
@@ -492,7 +504,7 @@ def test_prefect_yaml_entrypoints_exist(deployment):
 def test_prefect_yaml_parameters_fit_the_flows(prefect_yaml, monkeypatch):
     """Each deployment's default parameters pass the real flow's parameter validation (the
     same pydantic validation a flow run does before any compute)."""
-    missing = [p for p in ("flows/cifar.py", "flows/train.py") if not (ROOT / p).is_file()]
+    missing = [p for p in ("flows/cifar.py", "flows/lm.py", "flows/train.py") if not (ROOT / p).is_file()]
     if missing:
         pytest.skip(f"{', '.join(missing)} not written yet")
     from prefect.flows import load_flow_from_entrypoint
@@ -505,7 +517,7 @@ def test_prefect_yaml_parameters_fit_the_flows(prefect_yaml, monkeypatch):
         if not params:
             continue
         flow = load_flow_from_entrypoint(d["entrypoint"])
-        assert flow.name == EXPECTED_DEPLOYMENTS[d["name"]][1]
+        assert flow.name == _FLOW_OF[d["entrypoint"].split(":")[0]]
         flow.validate_parameters(params)
 
 
@@ -575,6 +587,15 @@ from prefect import flow
 
 @flow(name="distill-cifar")
 def distill_cifar(params: dict | None = None):
+    return params
+'''
+
+STUB_LM = '''
+from prefect import flow
+
+
+@flow(name="distill-lm")
+def distill_lm(params: dict | None = None):
     return params
 '''
 
@@ -652,17 +673,17 @@ def _stub_project(tmp_path: Path) -> Path:
     shutil.copy(PREFECT_YAML, proj / "prefect.yaml")
     (proj / "flows" / "cifar.py").write_text(textwrap.dedent(STUB_CIFAR))
     (proj / "flows" / "train.py").write_text(textwrap.dedent(STUB_TRAIN))
+    (proj / "flows" / "lm.py").write_text(textwrap.dedent(STUB_LM))
     return proj
 
 
 def _assert_deployments(deps: dict, project_dir: str):
-    for name, (entrypoint, flow_name, pool) in EXPECTED_DEPLOYMENTS.items():
-        key = f"{flow_name}/{name}"
+    for key, (entrypoint, flow_name, pool) in EXPECTED_DEPLOYMENTS.items():
         assert key in deps, f"{key} not registered; got {sorted(deps)}"
         d = deps[key]
         assert d.work_pool_name == pool
         assert d.entrypoint == entrypoint
-        want_dir = IMAGE_WORKDIR if name == "gpu" else project_dir
+        want_dir = IMAGE_WORKDIR if key == "distill-train/gpu" else project_dir
         assert _pull_dir(d.pull_steps) == want_dir, d.pull_steps
     assert deps["distill-cifar/local"].parameters == {"params": {"profile": "smoke"}}
     weekly = deps["distill-cifar/gpu-weekly"]
@@ -748,7 +769,7 @@ def test_e2e_docker_template_resolves_secret_blocks(prefect_server):
 @pytest.mark.e2e
 def test_e2e_deploy_all_from_project_root(prefect_server):
     """`prefect deploy --all` from the real checkout, once the lead's flows exist."""
-    missing = [p for p in ("flows/cifar.py", "flows/train.py") if not (ROOT / p).is_file()]
+    missing = [p for p in ("flows/cifar.py", "flows/lm.py", "flows/train.py") if not (ROOT / p).is_file()]
     if missing:
         pytest.skip(f"{', '.join(missing)} not written yet; the stub-project e2e test covers deploy")
     server = prefect_server
@@ -762,7 +783,7 @@ def test_e2e_deploy_all_from_project_root(prefect_server):
     # schema (enforced by default in Prefect 3); delete them again, no worker runs them here
     async def go():
         async with _client(server.api) as c:
-            for key in ("distill-cifar/local", "distill-cifar/gpu-weekly"):
+            for key in ("distill-cifar/local", "distill-cifar/gpu-weekly", "distill-lm/local", "distill-lm/gpu"):
                 d = deps[key]
                 assert d.enforce_parameter_schema
                 fr = await c.create_flow_run_from_deployment(d.id)

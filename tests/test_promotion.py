@@ -3,6 +3,7 @@ real ``mlflow server`` (sqlite backend, local artifacts), under the object store
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import queue
@@ -29,8 +30,12 @@ WORKERS = 3
 ROUNDS = 10
 BASELINE, MARGIN = 0.60, 0.02
 
-# One long-lived process per candidate: per command it registers a version of the model (val_acc tag), then
-# promotes it under the store's promotion lock; it answers with one JSON line marked "@@" (MLflow prints to
+# Per round the candidates are image-kind (val_acc, higher wins) or LM-kind (val_ppl, lower wins).
+KINDS = {"max": ("val_acc", BASELINE, MARGIN, [0.70, 0.74, 0.78, 0.82, 0.86]),
+         "min": ("val_ppl", 40.0, 0.5, [21.5, 24.0, 27.25, 30.0, 33.5])}
+
+# One long-lived process per candidate: per command it registers a version of the model (tag: the gate's
+# metric), then promotes it under the store's promotion lock; it answers with one JSON line marked "@@" (MLflow prints to
 # stdout too).  The tracking URI carries credentials (the server ignores them): they must reach MLflow
 # through its variables, never be shown or stored.
 _WORKER = textwrap.dedent("""
@@ -46,10 +51,11 @@ _WORKER = textwrap.dedent("""
         try:
             name = cmd["name"]
             tracker._ensure_registered_model(name)
-            run = tracker.start_parent("candidate", {}, {"val_acc": cmd["val_acc"]})
+            run = tracker.start_parent("candidate", {}, {cmd["metric"]: cmd["value"]})
             mv = tracker.client.create_model_version(name, f"runs:/{run}/model", run_id=run,
-                                                     tags={"val_acc": repr(cmd["val_acc"])})
-            result = tracker.promote(name, mv.version, cmd["val_acc"], cmd["baseline"], cmd["margin"],
+                                                     tags={cmd["metric"]: repr(cmd["value"])})
+            result = tracker.promote(name, mv.version, cmd["value"], cmd["baseline"], cmd["margin"],
+                                     metric=cmd["metric"], direction=cmd["direction"],
                                      lock=functools.partial(store.lock, f"locks/promote/{name}"))
             tracker.end_run(run)
             out = {"ok": True, "version": str(mv.version), "done": time.time(), **result}
@@ -133,15 +139,17 @@ def _start_workers(stack: ExitStack, url: str, experiment: str, store_root: Path
     return workers
 
 
-def _play_round(tracker: Tracker, workers: list[_Worker], store: FileStore, name: str, accs: list[float],
-                held: bool) -> list[dict]:
+def _play_round(tracker: Tracker, workers: list[_Worker], store: FileStore, name: str, direction: str,
+                values: list[float], held: bool) -> list[dict]:
     """Every worker registers and promotes one candidate of ``name`` at once; with ``held`` the test holds the
     promotion lock until all of them announced themselves."""
     with ExitStack() as hold:
         if held:
             hold.enter_context(store.lock(f"locks/promote/{name}"))
-        for worker, acc in zip(workers, accs):
-            worker.send({"name": name, "val_acc": acc, "baseline": BASELINE, "margin": MARGIN})
+        metric, baseline, margin, _ = KINDS[direction]
+        for worker, value in zip(workers, values):
+            worker.send({"name": name, "metric": metric, "direction": direction, "value": value,
+                         "baseline": baseline, "margin": margin})
         if held:
             _wait_pending(tracker, name, workers)
     results = [worker.answer(180) for worker in workers]
@@ -149,8 +157,9 @@ def _play_round(tracker: Tracker, workers: list[_Worker], store: FileStore, name
     return results
 
 
-def _check_round(tracker: Tracker, name: str, results: list[dict], overlapped: bool) -> None:
-    best = max(results, key=lambda r: r["candidate_val_acc"])
+def _check_round(tracker: Tracker, name: str, direction: str, results: list[dict], overlapped: bool) -> None:
+    best = (max if direction == "max" else min)(results, key=lambda r: r["candidate"])
+    assert all((r["metric"], r["direction"]) == (KINDS[direction][0], direction) for r in results), results
     champion = tracker.get_alias(name, CHAMPION)
     assert champion is not None and str(champion.version) == best["version"], results
     assert best["promoted"], best
@@ -166,8 +175,9 @@ def _check_round(tracker: Tracker, name: str, results: list[dict], overlapped: b
 
 
 def test_concurrent_promotions_pick_the_strongest_exactly_once(server, tmp_path, monkeypatch):
-    """Per round WORKERS processes register and promote candidates with different val_acc at once, under the
-    store's promotion lock (FileStore.lock).  In even rounds the test holds the lock until every candidate
+    """Per round WORKERS processes register and promote candidates with different values at once, under the
+    store's promotion lock (FileStore.lock): val_acc (higher wins) or, every other pair of rounds, val_ppl
+    (direction "min": lower wins).  In even rounds the test holds the lock until every candidate
     has announced itself, so all of them overlap and the lock's (arbitrary) order decides who checks first;
     in odd rounds they race freely.  Every round: no error, the strongest is champion and reports promoted,
     each version's decision tag matches its report (no announcement is left); where all overlapped, exactly
@@ -183,17 +193,18 @@ def test_concurrent_promotions_pick_the_strongest_exactly_once(server, tmp_path,
         workers = _start_workers(stack, url, experiment, store.root)
         orders, free_promoted = [], []
         for rnd in range(ROUNDS):
-            name, held = f"{experiment}-student-{rnd}", rnd % 2 == 0
-            results = _play_round(tracker, workers, store, name, rng.sample([0.70, 0.74, 0.78, 0.82, 0.86], WORKERS),
-                                  held)
-            _check_round(tracker, name, results, overlapped=held)
-            if held:
-                orders.append([r["candidate_val_acc"] for r in sorted(results, key=lambda r: r["done"])])
+            name, held, direction = f"{experiment}-student-{rnd}", rnd % 2 == 0, ("max", "min")[rnd // 2 % 2]
+            results = _play_round(tracker, workers, store, name, direction,
+                                  rng.sample(KINDS[direction][3], WORKERS), held)
+            _check_round(tracker, name, direction, results, overlapped=held)
+            if held:  # ranks, strongest first = 0
+                ranked = sorted(r["candidate"] for r in results)[:: -1 if direction == "max" else 1]
+                orders.append([ranked.index(r["candidate"]) for r in sorted(results, key=lambda r: r["done"])])
             else:
                 free_promoted.append([r["promoted"] for r in results].count(True))
         print(f"{ROUNDS} rounds x {WORKERS} processes in {time.monotonic() - started:.1f}s; decision orders "
-              f"(val_acc) where all overlapped: {orders}; promoted per free-race round: {free_promoted}")
-    assert any(order != sorted(order, reverse=True) for order in orders)  # a weaker one decided first
+              f"(rank, 0 = strongest) where all overlapped: {orders}; promoted per free-race round: {free_promoted}")
+    assert any(order != sorted(order) for order in orders)  # a weaker one decided first
 
     # the credentials of the workers' URI were used by MLflow but never printed or stored
     output = [line for w in workers for line in w.other_output]
@@ -206,23 +217,45 @@ def test_concurrent_promotions_pick_the_strongest_exactly_once(server, tmp_path,
             assert b"ci%2Fpass" not in data and b"ci/pass" not in data, path
 
 
-def test_register_models_promotes_under_the_store_lock(tmp_path, monkeypatch):
-    """tasks.registry.register_models hands Tracker.promote the store's lock of the student model."""
+@pytest.mark.parametrize("metric,direction,model_format", [("val_acc", "max", "pytorch"), ("val_ppl", "min", "hf")])
+def test_register_models_promotes_under_the_store_lock(metric, direction, model_format, tmp_path, monkeypatch):
+    """tasks.registry.register_models calls Tracker's real signatures (log_model / log_model_folder, promote),
+    gates on the kind's selection metric in its direction and hands promote the store's lock of the student."""
+    from types import SimpleNamespace
+
+    from distill.kinds import Metric
     from tasks import registry
     from tasks.storage import LockTimeout
 
     store = FileStore(tmp_path / "store")
-    seen = {}
+    seen: dict = {"logged": []}
+
+    def bind(method, *args, **kwargs):
+        call = inspect.signature(getattr(Tracker, method)).bind(None, *args, **kwargs)  # the real signature
+        call.apply_defaults()
+        return call.arguments
 
     class FakeTracker:
         def __init__(self, uri, experiment):
             pass
 
-        def log_model(self, run_id, model, example, name, tags):
+        def _version(self, name, run_id):
             return {"name": name, "version": "3", "model_uri": f"models:/{name}/3", "run_id": run_id, "reused": False}
 
-        def promote(self, name, version, candidate_val_acc, baseline_val_acc, margin, *, lock):
-            seen.update(name=name, version=version)
+        def log_model(self, *args, **kwargs):
+            a = bind("log_model", *args, **kwargs)
+            seen["logged"].append(("log_model", a["registered_name"]))
+            return self._version(a["registered_name"], a["run_id"])
+
+        def log_model_folder(self, *args, **kwargs):
+            a = bind("log_model_folder", *args, **kwargs)
+            seen["logged"].append(("log_model_folder", a["registered_name"]))
+            return self._version(a["registered_name"], a["run_id"])
+
+        def promote(self, *args, **kwargs):
+            a = bind("promote", *args, **kwargs)
+            name, lock = a["name"], a["lock"]
+            seen.update({k: a[k] for k in ("name", "version", "metric", "direction", "candidate", "baseline")})
             with (lock() if callable(lock) and not hasattr(lock, "__enter__") else lock):
                 with pytest.raises(LockTimeout):  # held: nobody else gets the promotion lock of this model
                     with store.lock(f"locks/promote/{name}", timeout=0.3):
@@ -231,13 +264,23 @@ def test_register_models_promotes_under_the_store_lock(tmp_path, monkeypatch):
                 pass
             return {"promoted": True, "reason": "fake"}
 
-    monkeypatch.setattr(registry, "Tracker", FakeTracker)
-    monkeypatch.setattr(registry, "fetch_dir", lambda store, prefix, kind: tmp_path)
-    monkeypatch.setattr(registry, "input_example", lambda data_dir: None)
-    monkeypatch.setattr(registry.stages, "load_model", lambda path: object())
-    result = {"val_acc": 0.7, "test": {"test_accuracy": 0.7}, "model_prefix": "runs/x/model", "mlflow_run_id": "r"}
-    out = registry.register_models.fn(
-        {"teacher": result, "baseline": result, "student": result}, store_url=store.url, tracking_uri="unused",
-        experiment="exp", data_key="data/x", lineage={}, margin=0.0,
+    kind = SimpleNamespace(
+        name="fake", selection=Metric(metric, direction), test_metric=Metric("test_" + metric[4:], direction),
+        extras={"model_format": model_format, "input_example": lambda model_dir, data_dir: None},
+        load_model=lambda path: object(),
     )
-    assert seen == {"name": "exp-student", "version": "3"} and out["promotion"]["promoted"]
+    monkeypatch.setattr(registry, "Tracker", FakeTracker)
+    monkeypatch.setattr(registry, "get_kind", lambda name: kind)
+    monkeypatch.setattr(registry, "fetch_dir", lambda store, prefix, kind: tmp_path)
+    results = {role: {metric: value, "test": {"test_" + metric[4:]: value}, "model_prefix": f"runs/{role}/model",
+                      "mlflow_run_id": f"run-{role}"}
+               for role, value in (("teacher", 0.9), ("baseline", 0.6), ("student", 0.7))}
+    out = registry.register_models.fn(
+        "fake", results, store_url=store.url, tracking_uri="unused", experiment="exp", data_key="data/x",
+        lineage={}, margin=0.0,
+    )
+    method = "log_model_folder" if model_format == "hf" else "log_model"
+    assert seen == {"name": "exp-student", "version": "3", "metric": metric, "direction": direction,
+                    "candidate": 0.7, "baseline": 0.6,
+                    "logged": [(method, f"exp-{role}") for role in ("teacher", "baseline", "student")]}
+    assert out["promotion"]["promoted"]

@@ -50,6 +50,9 @@ def test_is_integrity_error_recognises_core_errors():
     assert is_integrity_error(CheckpointError("bad checkpoint"))
     assert is_integrity_error(CheckpointMismatch("other config"))
     assert is_integrity_error(DataError("bad data"))
+    from distill.lm.stages import TokenizerMismatch
+
+    assert is_integrity_error(TokenizerMismatch("teacher vs student"))  # a retry would fail the same way
     for exc in (StoreError("network down"), RuntimeError("x"), ValueError("x"), OSError(5, "EIO"), None):
         assert not is_integrity_error(exc)
     # a wrapper raised explicitly from an integrity error is one too; an error merely raised while handling one is not

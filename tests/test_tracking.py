@@ -147,7 +147,7 @@ def test_log_model_idempotent_with_lineage_and_load_by_alias(tracker, tracking_u
     logged = tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id])
     assert [m.source_run_id for m in logged] == [run]
 
-    gate = tracker.promote(name, first["version"], candidate_val_acc=0.71, baseline_val_acc=0.60, margin=0.02)
+    gate = tracker.promote(name, first["version"], candidate=0.71, baseline=0.60, margin=0.02)
     assert gate["promoted"] is True and gate["champion_version_after"] == "1"
 
     # plain MLflow, as a serving process would do it
@@ -161,57 +161,113 @@ def test_log_model_idempotent_with_lineage_and_load_by_alias(tracker, tracking_u
     assert isinstance(tracker.load_model(f"models:/{name}@challenger"), torch.nn.Module)
 
 
-def _cheap_version(tracker: Tracker, name: str, tmp_path, val_acc: float | None) -> str:
-    """A registered version without logging a model (the gate only looks at tags/aliases)."""
+def _cheap_version(tracker: Tracker, name: str, tmp_path, value: float | None, metric: str = "val_acc") -> str:
+    """A registered version without logging a model (the gate only looks at tags/aliases); ``value`` (if
+    any) in the version tag ``metric``."""
     tracker._ensure_registered_model(name)
     run = tracker.start_parent("cand", {}, {})
     src = tmp_path / uid("src")
     src.mkdir()
-    tags = {"val_acc": str(val_acc)} if val_acc is not None else None
+    tags = {metric: str(value)} if value is not None else None
     return str(tracker.client.create_model_version(name, src.as_uri(), run_id=run, tags=tags).version)
 
 
 def test_promotion_gate(tracker, tmp_path):
     name = uid("gate")
     v1 = _cheap_version(tracker, name, tmp_path, 0.70)
-    r1 = tracker.promote(name, v1, 0.70, baseline_val_acc=0.60, margin=0.02)
+    r1 = tracker.promote(name, v1, 0.70, baseline=0.60, margin=0.02)
     assert r1["promoted"] and r1["champion_version_before"] is None and r1["champion_version_after"] == v1
     assert "no previous champion" in r1["reason"]
     assert str(tracker.client.get_model_version_by_alias(name, "challenger").version) == v1
 
     # beats the baseline but not the champion: not promoted, champion unchanged
     v2 = _cheap_version(tracker, name, tmp_path, 0.65)
-    r2 = tracker.promote(name, v2, 0.65, baseline_val_acc=0.60, margin=0.02)
+    r2 = tracker.promote(name, v2, 0.65, baseline=0.60, margin=0.02)
     assert not r2["promoted"] and "champion" in r2["reason"]
     assert r2["champion_version_before"] == r2["champion_version_after"] == v1
-    assert r2["champion_val_acc_before"] == pytest.approx(0.70)
+    assert r2["champion_before"] == pytest.approx(0.70)
     assert str(tracker.client.get_model_version_by_alias(name, "challenger").version) == v2
     assert tracker.client.get_model_version(name, v2).tags["promotion.decision"] == "rejected"
 
     # does not beat baseline + margin: not promoted
     v3 = _cheap_version(tracker, name, tmp_path, 0.61)
-    r3 = tracker.promote(name, v3, 0.61, baseline_val_acc=0.60, margin=0.02)
+    r3 = tracker.promote(name, v3, 0.61, baseline=0.60, margin=0.02)
     assert not r3["promoted"] and "baseline" in r3["reason"] and r3["champion_version_after"] == v1
 
     # better than both: promoted; a retry of the same promotion is a no-op success
     v4 = _cheap_version(tracker, name, tmp_path, None)  # val_acc tag filled in by promote
-    r4 = tracker.promote(name, v4, 0.80, baseline_val_acc=0.60, margin=0.02)
+    r4 = tracker.promote(name, v4, 0.80, baseline=0.60, margin=0.02)
     assert r4["promoted"] and r4["champion_version_before"] == v1 and r4["champion_version_after"] == v4
     assert tracker.client.get_model_version(name, v4).tags["val_acc"] == "0.8"
-    r4b = tracker.promote(name, v4, 0.80, baseline_val_acc=0.60, margin=0.02)
+    r4b = tracker.promote(name, v4, 0.80, baseline=0.60, margin=0.02)
     assert r4b["promoted"] and "already" in r4b["reason"] and r4b["champion_version_after"] == v4
 
     # a first candidate that does not beat the baseline: no champion at all
     other = uid("gate")
     w1 = _cheap_version(tracker, other, tmp_path, 0.55)
-    r = tracker.promote(other, w1, 0.55, baseline_val_acc=0.60, margin=0.0)
+    r = tracker.promote(other, w1, 0.55, baseline=0.60, margin=0.0)
     assert not r["promoted"] and r["champion_version_after"] is None
     assert tracker.get_alias(other, "champion") is None
     # exactly baseline + margin is enough (>=)
     w2 = _cheap_version(tracker, other, tmp_path, 0.75)
-    assert tracker.promote(other, w2, 0.75, baseline_val_acc=0.5, margin=0.25)["promoted"]
-    assert set(r) == {"promoted", "reason", "candidate_version", "candidate_val_acc", "baseline_val_acc", "margin",
-                      "champion_version_before", "champion_val_acc_before", "champion_version_after"}
+    assert tracker.promote(other, w2, 0.75, baseline=0.5, margin=0.25)["promoted"]
+    assert set(r) == {"promoted", "reason", "metric", "direction", "candidate_version", "candidate", "baseline",
+                      "margin", "threshold", "champion_version_before", "champion_before", "champion_version_after"}
+    assert (r["metric"], r["direction"], r["threshold"]) == ("val_acc", "max", pytest.approx(0.60))
+    assert r["reason"] == "candidate val_acc 0.5500 < baseline 0.6000 + margin 0.0000 = 0.6000"
+
+
+def test_promotion_gate_lower_is_better(tracker, tmp_path):
+    """direction="min" (e.g. perplexity): the candidate must reach baseline - margin and be strictly lower than
+    the champion's value, read from the version tag named by ``metric``."""
+    name = uid("ppl")
+    kw = {"metric": "val_ppl", "direction": "min"}
+    # passes: 39.0 <= 40.0 - 0.5; no champion yet; the val_ppl tag is filled in where missing
+    v1 = _cheap_version(tracker, name, tmp_path, None)
+    r1 = tracker.promote(name, v1, 39.0, 40.0, 0.5, **kw)
+    assert r1["promoted"] and r1["champion_version_after"] == v1 and r1["champion_before"] is None
+    assert (r1["metric"], r1["direction"], r1["threshold"]) == ("val_ppl", "min", pytest.approx(39.5))
+    assert r1["reason"] == ("candidate val_ppl 39.0000 <= baseline 40.0000 - margin 0.5000 = 39.5000; "
+                            "no previous champion")
+    tags = tracker.client.get_model_version(name, v1).tags
+    assert tags["val_ppl"] == "39.0" and "val_acc" not in tags and tags["promotion.decision"] == "promoted"
+
+    # fails at the margin: better than the baseline, not by the margin
+    v2 = _cheap_version(tracker, name, tmp_path, 39.7, "val_ppl")
+    r2 = tracker.promote(name, v2, 39.7, 40.0, 0.5, **kw)
+    assert not r2["promoted"] and r2["champion_version_after"] == v1
+    assert r2["reason"] == "candidate val_ppl 39.7000 > baseline 40.0000 - margin 0.5000 = 39.5000"
+    assert str(tracker.client.get_model_version_by_alias(name, "challenger").version) == v2
+    # exactly baseline - margin passes that test (<=), but a higher value than the champion's does not beat it
+    v3 = _cheap_version(tracker, name, tmp_path, 39.5, "val_ppl")
+    r3 = tracker.promote(name, v3, 39.5, 40.0, 0.5, **kw)
+    assert not r3["promoted"] and r3["champion_version_after"] == v1 and r3["champion_before"] == pytest.approx(39.0)
+    assert r3["reason"] == f"candidate val_ppl 39.5000 does not beat champion v{v1} (val_ppl 39.0000)"
+    # equal to the champion: not strictly lower
+    v4 = _cheap_version(tracker, name, tmp_path, 39.0, "val_ppl")
+    assert not tracker.promote(name, v4, 39.0, 40.0, 0.5, **kw)["promoted"]
+    # NaN or inf (a diverged run, also a diverged baseline) never passes
+    v5 = _cheap_version(tracker, name, tmp_path, None)
+    r5 = tracker.promote(name, v5, float("nan"), 40.0, 0.5, **kw)
+    assert not r5["promoted"] and "not all finite" in r5["reason"]
+    assert not tracker.promote(name, v5, float("-inf"), 40.0, 0.5, **kw)["promoted"]
+    assert not tracker.promote(name, v5, 30.0, float("inf"), 0.5, **kw)["promoted"]
+    # lower than the champion: promoted; a retry is a no-op success
+    v6 = _cheap_version(tracker, name, tmp_path, 38.25, "val_ppl")
+    r6 = tracker.promote(name, v6, 38.25, 40.0, 0.5, **kw)
+    assert r6["promoted"] and r6["champion_version_before"] == v1 and r6["champion_version_after"] == v6
+    assert r6["reason"].endswith(f"and beats champion v{v1} (val_ppl 39.0000)")
+    assert "already" in tracker.promote(name, v6, 38.25, 40.0, 0.5, **kw)["reason"]
+    # a higher-is-better candidate on the same model is not compared with the val_ppl champion: its champion
+    # has no val_acc tag, so it is not replaced automatically
+    v7 = _cheap_version(tracker, name, tmp_path, 0.9)
+    r7 = tracker.promote(name, v7, 0.9, 0.5, 0.0)
+    assert not r7["promoted"] and "no usable 'val_acc' tag" in r7["reason"] and r7["champion_version_after"] == v6
+
+    with pytest.raises(TrackingError, match="direction"):
+        tracker.promote(name, v6, 38.0, 40.0, 0.5, metric="val_ppl", direction="lower")
+    with pytest.raises(TrackingError, match="metric"):
+        tracker.promote(name, v6, 38.0, 40.0, 0.5, metric="", direction="min")
 
 
 @pytest.mark.e2e
@@ -442,6 +498,61 @@ def test_promotion_prefers_the_stronger_concurrent_candidate(tracker, tmp_path):
          OWNER_PID_TAG: str(os.getpid()), OWNER_PID_START_TAG: "1"}))
     r = tracker.promote(other, a, 0.70, 0.60, 0.02)
     assert r["promoted"] and r["champion_version_after"] == a
+
+
+def test_promotion_prefers_the_stronger_concurrent_candidate_lower_is_better(tracker, tmp_path):
+    """With direction="min" the stronger rival is the one with the lower value; rivals announced on another
+    metric or direction are not compared; an announcement of an earlier release (val_acc only) still counts
+    for a val_acc / max gate."""
+    name = uid("order-min")
+    kw = {"metric": "val_ppl", "direction": "min"}
+    weak = _cheap_version(tracker, name, tmp_path, 30.0, "val_ppl")
+    strong = _cheap_version(tracker, name, tmp_path, 25.0, "val_ppl")
+    now = time.time()
+    tracker.client.set_model_version_tag(name, strong, PROMOTION_PENDING_TAG, json.dumps(
+        {"metric": "val_ppl", "direction": "min", "value": 25.0, "threshold": 39.5, "ts": now,
+         OWNER_HOST_TAG: "elsewhere"}))
+    r_weak = tracker.promote(name, weak, 30.0, 40.0, 0.5, lock=threading.Lock(), **kw)
+    assert not r_weak["promoted"] and f"version {strong} (val_ppl 25.0000)" in r_weak["reason"]
+    assert "stronger" in r_weak["reason"] and r_weak["champion_version_after"] is None
+    assert PROMOTION_PENDING_TAG not in tracker.client.get_model_version(name, weak).tags
+    r_strong = tracker.promote(name, strong, 25.0, 40.0, 0.5, **kw)
+    assert r_strong["promoted"] and r_strong["champion_version_after"] == strong
+
+    # a higher value announced does not block; neither does a rival that fails its own gate (threshold), nor
+    # one that would not beat the champion, nor one on another metric / direction
+    other = uid("order-min")
+    champ = _cheap_version(tracker, other, tmp_path, 20.0, "val_ppl")
+    assert tracker.promote(other, champ, 20.0, 40.0, 0.5, **kw)["promoted"]
+    a = _cheap_version(tracker, other, tmp_path, 18.0, "val_ppl")
+    rivals = {
+        "weaker": {"metric": "val_ppl", "direction": "min", "value": 19.0, "threshold": 39.5},
+        "fails its gate": {"metric": "val_ppl", "direction": "min", "value": 10.0, "threshold": 5.0},
+        "other metric": {"metric": "fid", "direction": "min", "value": 1.0, "threshold": 50.0},
+        "other direction": {"metric": "val_ppl", "direction": "max", "value": 99.0, "threshold": 0.0},
+        "val_acc (earlier release)": {"val_acc": 0.99, "threshold": 0.5},
+    }
+    for info in rivals.values():
+        v = _cheap_version(tracker, other, tmp_path, None)
+        tracker.client.set_model_version_tag(other, v, PROMOTION_PENDING_TAG, json.dumps(
+            {**info, "ts": time.time(), OWNER_HOST_TAG: "elsewhere"}))
+    r = tracker.promote(other, a, 18.0, 40.0, 0.5, **kw)
+    assert r["promoted"] and r["champion_version_after"] == a, r
+
+    # a tie goes to the lower version; an earlier release's val_acc announcement blocks a weaker val_acc one
+    tie = uid("order-min")
+    low, high = (_cheap_version(tracker, tie, tmp_path, 12.0, "val_ppl") for _ in range(2))
+    tracker.client.set_model_version_tag(tie, low, PROMOTION_PENDING_TAG, json.dumps(
+        {"metric": "val_ppl", "direction": "min", "value": 12.0, "threshold": 39.5, "ts": time.time(),
+         OWNER_HOST_TAG: "elsewhere"}))
+    r_high = tracker.promote(tie, high, 12.0, 40.0, 0.5, **kw)
+    assert not r_high["promoted"] and f"version {low}" in r_high["reason"]
+    acc = uid("order-legacy")
+    old, new = _cheap_version(tracker, acc, tmp_path, 0.9), _cheap_version(tracker, acc, tmp_path, 0.8)
+    tracker.client.set_model_version_tag(acc, old, PROMOTION_PENDING_TAG, json.dumps(
+        {"val_acc": 0.9, "threshold": 0.62, "ts": time.time(), OWNER_HOST_TAG: "elsewhere"}))
+    r_new = tracker.promote(acc, new, 0.8, 0.60, 0.02)
+    assert not r_new["promoted"] and f"version {old} (val_acc 0.9000)" in r_new["reason"]
 
 
 # --------------------------------------------------------------------------- credentials in the tracking URI

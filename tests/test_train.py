@@ -190,7 +190,7 @@ def _scripted_val_accuracy(monkeypatch, data, accs):
     y_val = data["val"][1]
     seq = iter(accs)
 
-    def fake_predict(model, x, rt, batch_size=1000):
+    def fake_predict(model, x, rt, batch_size=1000, *, stats):
         k = round(next(seq) * len(y_val))
         labels = torch.cat([y_val[:k], (y_val[k:] + 1) % 3])
         return torch.nn.functional.one_hot(labels, 3).float()

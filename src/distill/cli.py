@@ -1,12 +1,15 @@
 """The ``distill`` command.
 
-  distill stage prepare  --profile smoke [--source PATH] [--cache DIR]
-  distill stage train    --role teacher|baseline|student --data DIR --out DIR [--teacher DIR] [-T 4 --alpha 0.7]
-  distill stage evaluate --model DIR --data DIR [--teacher DIR] [--split test|val]
-  distill lab            --profile smoke --out runs/lab      (all stages in-process, no Prefect)
-  distill run cifar      --profile smoke [--fresh] [--no-register]  (the Prefect flow; needs the pipeline extra)
-  distill config         --profile seed                       (print the resolved config)
+  distill stage prepare  [--kind cifar|lm] --profile smoke [--source PATH] [--cache DIR]
+  distill stage train    [--kind K] --role teacher|init|baseline|student --data DIR --out DIR [--teacher DIR]
+                         [--init DIR] [-T 4 --alpha 0.7]
+  distill stage evaluate [--kind K] --model DIR --data DIR [--teacher DIR] [--split test|val]
+  distill lab            [--kind K] --profile smoke --out runs/lab   (all stages in-process, no Prefect)
+  distill run cifar|lm   --profile smoke [--fresh] [--no-register]   (the Prefect flow; needs the pipeline extra)
+  distill config         [--kind K] --profile seed                   (print the resolved config)
   distill --version
+
+``--kind`` picks the distillation kind (:mod:`distill.kinds`; default ``cifar``, the image classifiers).
 
 Every subcommand takes ``--set section.field=value`` overrides, validated before any compute. A user
 error (bad config or argument, bad data, a checkpoint that does not fit) is one line on stderr,
@@ -24,7 +27,9 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from . import __version__
-from .image.config import KDConfig, load_profile, parse_overrides
+from . import home as distill_home
+from .image.config import parse_overrides
+from .kinds import get_kind, kind_names
 
 log = logging.getLogger("distill.cli")
 
@@ -57,7 +62,9 @@ def _fail(*lines: str) -> int:
     return 2
 
 
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, kind: bool = True) -> None:
+    if kind:
+        p.add_argument("--kind", default="cifar", choices=kind_names(), help="distillation kind (default: cifar)")
     p.add_argument("--profile", default="smoke", help="smoke | seed | full (default: smoke)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set student_train.epochs=3 (repeatable)")
@@ -73,14 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     ssub = st.add_subparsers(dest="stage", required=True)
     p = ssub.add_parser("prepare", help="decode the data set into the uint8 cache; prints the prepared folder")
     _common(p)
-    p.add_argument("--source", help="ImageFolder folder/tarball or torchvision CIFAR-10 folder (default: $DISTILL_CIFAR10)")
+    p.add_argument("--source", help="cifar: ImageFolder folder/tarball or torchvision CIFAR-10 folder (default: $DISTILL_CIFAR10)")
     p.add_argument("--cache", help="cache folder (default: config data.cache_dir)")
-    p = ssub.add_parser("train", help="train the teacher, the baseline or a distilled student")
+    p = ssub.add_parser("train", help="train the teacher, the baseline or a distilled student (lm: also 'init')")
     _common(p)
-    p.add_argument("--role", required=True, choices=["teacher", "baseline", "student"])
+    p.add_argument("--role", required=True, choices=["teacher", "init", "baseline", "student"])
     p.add_argument("--data", required=True, help="prepared data folder (output of 'stage prepare')")
-    p.add_argument("--out", required=True, help="output folder: model.safetensors, config.json, metrics.json")
-    p.add_argument("--teacher", help="teacher output folder (role student)")
+    p.add_argument("--out", required=True, help="output folder: weights, config, metrics.json, history.json")
+    p.add_argument("--teacher", help="teacher output folder (role student; lm: also init)")
+    p.add_argument("--init", help="lm: the init stage's output folder, the starting point of baseline and student")
     p.add_argument("-T", "--temperature", type=float, help="KD temperature (default: config kd.temperature)")
     p.add_argument("--alpha", type=float, help="KD weight of the soft term (default: config kd.alpha)")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
@@ -101,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
 
     p = sub.add_parser("run", help="run a Prefect pipeline in-process (needs the 'pipeline' extra)")
-    p.add_argument("pipeline", choices=["cifar"])
-    _common(p)
+    p.add_argument("pipeline", choices=kind_names())
+    _common(p, kind=False)
     p.add_argument("--train-pool", help="dispatch training stages to this Prefect work pool")
     p.add_argument("--store", help="store URL: file:///path or s3://bucket/prefix (default $DISTILL_STORE_URL or .distill/store)")
     p.add_argument("--tracking-uri", help="MLflow tracking URI (default $MLFLOW_TRACKING_URI or .distill/mlflow.db)")
@@ -114,44 +122,53 @@ def build_parser() -> argparse.ArgumentParser:
 def _check_args(args) -> str | None:
     """Argument combinations argparse cannot express; the message, or None."""
     if args.cmd == "stage" and args.stage == "train":
-        if args.role == "student" and not args.teacher:
-            return "stage train --role student needs --teacher DIR (the output folder of the teacher stage)"
+        if args.role in ("student", "init") and not args.teacher:
+            return f"stage train --role {args.role} needs --teacher DIR (the output folder of the teacher stage)"
+        if args.role == "init" and not get_kind(args.kind).has_init:
+            return f"--role init: kind {args.kind!r} has no init stage"
         if args.role != "student" and (args.temperature is not None or args.alpha is not None):
             return f"-T/--temperature and --alpha apply to --role student only, not --role {args.role}"
     return None
 
 
+def _kind(args):
+    return get_kind(args.pipeline if args.cmd == "run" else args.kind)
+
+
 def _config(args):
-    return load_profile(args.profile, parse_overrides(args.overrides))
+    return _kind(args).load_profile(args.profile, parse_overrides(args.overrides))
 
 
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
-def run_lab(cfg, out: Path) -> dict:
-    """The three stages of the lab plus evaluation, in-process, with no orchestration."""
-    from .image import stages
+def run_lab(kind, cfg, out: Path) -> dict:
+    """The kind's stages, in-process, with no orchestration: prepare, teacher, init (if the kind has one),
+    baseline and the main student, then evaluation of each on the held-out split; prints the table."""
+    from .kinds import comparison_rows, markdown_table
 
-    prep = stages.prepare(cfg.data)
+    prep = kind.prepare(cfg, progress=True)
     data_dir = prep["dir"]
+    t_dir = out / "teacher"
+    trained = {"teacher": kind.train("teacher", cfg, data_dir, t_dir)}
+    init_dir = None
+    if kind.has_init:
+        init_dir = out / "student-init"
+        trained["student-init"] = kind.train("init", cfg, data_dir, init_dir, teacher_dir=t_dir)
+    members = [m for m in kind.plan(cfg) if m.role == "baseline" or m.main]
+    for m in members:
+        trained[m.name] = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=t_dir, init_dir=init_dir, kd=m.kd)
     results = {}
-    for role in ("teacher", "baseline", "student"):
-        results[role] = stages.train(role, cfg, data_dir, out / role, teacher_dir=out / "teacher" if role == "student" else None)
-    evals = {}
-    for role in ("teacher", "baseline", "student"):
-        evals[role] = stages.evaluate(out / role, data_dir, cfg.eval, teacher_dir=None if role == "teacher" else out / "teacher")
-    rows = ["| model | val acc | test acc | agreement | ECE | params | latency b1 CPU (ms) |", "|---|---|---|---|---|---|---|"]
-    for role in ("teacher", "baseline", "student"):
-        e = evals[role]
-        rows.append(
-            f"| {role} | {results[role]['val_acc']:.4f} | {e['accuracy']:.4f} | {e.get('agreement', float('nan')):.4f} | "
-            f"{e['ece']:.4f} | {int(e['params']):,} | {e.get('latency_ms_b1_cpu', float('nan')):.2f} |"
-        )
-    table = "\n".join(rows)
+    for name, res in trained.items():
+        role = "init" if name == "student-init" else ("teacher" if name == "teacher" else
+                                                       next(m.role for m in members if m.name == name))
+        test = kind.evaluate(out / name, data_dir, cfg, teacher_dir=None if name == "teacher" else t_dir)
+        results[name] = {**res, "role": role, "test": test}
+    table = markdown_table(kind.columns, comparison_rows(kind, results))
     (out / "report.md").write_text(table + "\n")
     print(table)
-    return {"prepare": prep["manifest_sha256"], "train": results, "evaluate": evals}
+    return {"prepare": prep["manifest_sha256"], "results": results}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,14 +185,12 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     kd = None
     try:
+        kind = _kind(args)
         cfg = _config(args)
         if args.cmd == "stage" and args.stage == "train" and args.role == "student":
+            update = {k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha)) if v is not None}
             try:
-                kd = KDConfig(
-                    loss=cfg.kd.loss,
-                    temperature=args.temperature if args.temperature is not None else cfg.kd.temperature,
-                    alpha=args.alpha if args.alpha is not None else cfg.kd.alpha,
-                )
+                kd = type(cfg.kd).model_validate({**cfg.kd.model_dump(), **update}).model_dump(mode="json")
             except ValidationError as e:
                 return _fail(*(f"invalid configuration: {line}" for line in error_lines(e, ("kd",))))
     except ValidationError as e:
@@ -188,61 +203,85 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.cmd == "config":
-            _print(cfg.digest_dict())
+            _print(cfg.model_dump(mode="json"))
         elif args.cmd == "stage":
-            from .image import stages
-
-            if args.stage == "prepare":
-                if args.source:
-                    cfg.data.source = args.source
-                res = stages.prepare(cfg.data, args.cache)
-                _print({"dir": res["dir"], "manifest_sha256": res["manifest_sha256"], "counts": res["manifest"]["counts"]})
-            elif args.stage == "train":
-                res = stages.train(args.role, cfg, args.data, args.out, teacher_dir=args.teacher, kd=kd, resume=not args.no_resume)
-                _print(res)
-            elif args.stage == "evaluate":
-                res = stages.evaluate(args.model, args.data, cfg.eval, split=args.split, teacher_dir=args.teacher, out_path=args.out)
-                _print({k: v for k, v in res.items() if k != "per_class_accuracy"})
+            _stage(args, kind, cfg, kd)
         elif args.cmd == "lab":
             if args.source:
-                cfg.data.source = args.source
-            run_lab(cfg, Path(args.out))
+                _set_source(cfg, args.source)
+            run_lab(kind, cfg, Path(args.out))
         elif args.cmd == "run":
-            import os
-
-            try:
-                from flows.params import PipelineParams
-            except ImportError as e:  # pragma: no cover - depends on the install
-                return _fail(f"the pipeline needs the 'pipeline' extra (pip install 'distill[pipeline]'): {e}")
-            overrides = parse_overrides(args.overrides)
-            try:  # the flow's own parameter check, before Prefect starts
-                PipelineParams(profile=args.profile, overrides=overrides, train_pool=args.train_pool,
-                               store_url=args.store, tracking_uri=args.tracking_uri)
-            except ValidationError as e:
-                return _fail(*(f"invalid parameters: {line}" for line in error_lines(e, names=_RUN_FLAGS)))
-            os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-            os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-            os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "distill")
-            os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-            if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
-                home = Path(os.environ.get("DISTILL_HOME", ".distill")).resolve() / "prefect"
-                home.mkdir(parents=True, exist_ok=True)
-                os.environ["PREFECT_HOME"] = str(home)
-            try:
-                from flows.cifar import run_local
-            except ImportError as e:  # pragma: no cover - depends on the install
-                return _fail(f"the pipeline needs the 'pipeline' extra (pip install 'distill[pipeline]'): {e}")
-            run_local(
-                profile=args.profile, overrides=overrides, train_pool=args.train_pool,
-                store_url=args.store, tracking_uri=args.tracking_uri,
-                **({"fresh": True} if args.fresh else {}),
-                **({"register_models": False} if args.no_register else {}),
-            )
+            return _run(args)
     except ValidationError as e:
         return _fail(*(f"invalid configuration: {line}" for line in error_lines(e)))
     except (DataError, CheckpointError, ValueError) as e:  # user mistakes: bad data, folders, checkpoints, values
         log.debug("user error", exc_info=True)
         return _fail(e)
+    return 0
+
+
+def _set_source(cfg, source: str) -> None:
+    if not hasattr(cfg.data, "source"):
+        raise ValueError("--source applies to --kind cifar; set the text files with --set data.train=[...]")
+    cfg.data.source = source
+
+
+def _stage(args, kind, cfg, kd) -> None:
+    if args.stage == "prepare":
+        if args.source:
+            _set_source(cfg, args.source)
+        if args.cache:
+            cfg.data.cache_dir = args.cache
+        res = kind.prepare(cfg, progress=True)
+        _print({"dir": res["dir"], "manifest_sha256": res["manifest_sha256"], **res.get("summary", {})})
+    elif args.stage == "train":
+        _print(kind.train(args.role, cfg, args.data, args.out, teacher_dir=args.teacher, init_dir=args.init, kd=kd,
+                          resume=not args.no_resume))
+    elif args.stage == "evaluate":
+        res = kind.evaluate(args.model, args.data, cfg, split=args.split, teacher_dir=args.teacher, out_path=args.out)
+        _print({k: v for k, v in res.items() if k != "per_class_accuracy"})
+
+
+def _pipelines(group: str) -> dict:
+    from importlib.metadata import entry_points
+
+    return {ep.name: ep for ep in entry_points(group=group)}
+
+
+def _run(args) -> int:
+    """``distill run <kind>``: the kind's Prefect flow in-process. The flows live outside the core (``flows/``);
+    they are found through the ``distill.pipelines`` entry points, so the core never imports them."""
+    import os
+
+    runners, params = _pipelines("distill.pipelines"), _pipelines("distill.pipeline_params")
+    if args.pipeline not in runners or "default" not in params:
+        return _fail(f"no pipeline for kind {args.pipeline!r} is installed: install the 'pipeline' extra "
+                     "(pip install 'distill[pipeline]') from the project folder")
+    overrides = parse_overrides(args.overrides)
+    try:
+        params_model = params["default"].load()
+        run_local = runners[args.pipeline].load()
+    except ImportError as e:  # pragma: no cover - depends on the install
+        return _fail(f"the pipeline needs the 'pipeline' extra (pip install 'distill[pipeline]'): {e}")
+    try:  # the flow's own parameter check, before Prefect starts
+        params_model(args.pipeline)(profile=args.profile, overrides=overrides, train_pool=args.train_pool,
+                                    store_url=args.store, tracking_uri=args.tracking_uri)
+    except ValidationError as e:
+        return _fail(*(f"invalid parameters: {line}" for line in error_lines(e, names=_RUN_FLAGS)))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "distill")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    if "PREFECT_API_URL" not in os.environ and "PREFECT_HOME" not in os.environ:
+        prefect_home = distill_home.home() / "prefect"
+        prefect_home.mkdir(parents=True, exist_ok=True)
+        os.environ["PREFECT_HOME"] = str(prefect_home)
+    run_local(
+        profile=args.profile, overrides=overrides, train_pool=args.train_pool,
+        store_url=args.store, tracking_uri=args.tracking_uri,
+        **({"fresh": True} if args.fresh else {}),
+        **({"register_models": False} if args.no_register else {}),
+    )
     return 0
 
 

@@ -153,3 +153,41 @@ def get_kind(name: str) -> Kind:
 
 def kind_names() -> list[str]:
     return sorted(set(_BUILTIN) | set(_KINDS))
+
+
+# ------------------------------------------------------------------------------------------ comparison table
+
+
+def comparison_rows(kind: Kind, results: dict[str, dict]) -> list[dict]:
+    """One flat row per model: its validation metric, its held-out metrics, and
+
+    - ``gain``: how much better than the baseline on the kind's test metric (students and baseline), in the
+      metric's units (accuracy points as a fraction; perplexity, lower is better, as a positive number);
+    - ``gap_closed``: with an init stage (the student before training), the share of the init -> teacher gap
+      on the test metric that the model closed (0 = no better than its starting point, 1 = as good as the
+      teacher).
+
+    ``results``: {name: {"role": ..., <selection key>: ..., "test": {...}}}."""
+    tm = kind.test_metric
+    base = results.get("baseline", {}).get("test", {}).get(tm.key)
+    teacher = results.get("teacher", {}).get("test", {}).get(tm.key)
+    init = next((r.get("test", {}).get(tm.key) for r in results.values() if r.get("role") == "init"), None)
+    rows = []
+    for name, r in results.items():
+        t = r.get("test", {})
+        row = {"model": name, "role": r.get("role"), kind.selection.key: r.get(kind.selection.key)}
+        row.update({k: v for k, v in t.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)})
+        x = t.get(tm.key)
+        row["gain"] = tm.gain(x, base) if (base is not None and x is not None and r.get("role") == "student") else None
+        if init is not None and teacher is not None and x is not None and r.get("role") in ("baseline", "student", "init"):
+            span = tm.gain(teacher, init)
+            row["gap_closed"] = tm.gain(x, init) / span if span else None
+        rows.append(row)
+    return rows
+
+
+def markdown_table(columns: tuple[Column, ...], rows: list[dict]) -> str:
+    head = "| " + " | ".join(c.header for c in columns) + " |"
+    sep = "|" + "---|" * len(columns)
+    body = ["| " + " | ".join(c.format(row.get(c.key)) for c in columns) + " |" for row in rows]
+    return "\n".join([head, sep, *body])

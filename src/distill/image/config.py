@@ -12,7 +12,7 @@ import inspect
 import json
 import typing
 import warnings
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -210,7 +210,10 @@ class EvalConfig(_Strict):
     ece_bins: int = Field(15, ge=1, le=1000)
     speed: bool = Field(True, description="measure latency and throughput")
     latency_runs: int = Field(50, ge=1, le=10_000)
-    throughput_batch: int = Field(256, ge=1, le=4096)
+    throughput_batch: Optional[int] = Field(
+        None, ge=1, le=4096,
+        description="batch the throughput is measured at; None = the LabConfig's student_train.batch_size",
+    )
     throughput_runs: int = Field(5, ge=1, le=1000)
     warmup_runs: int = Field(5, ge=0, le=1000)
 
@@ -243,6 +246,12 @@ class LabConfig(_Strict):
                 stacklevel=2,
             )
         return self
+
+    def resolved_eval(self) -> EvalConfig:
+        """``eval`` with ``throughput_batch`` filled in (None -> ``student_train.batch_size``)."""
+        if self.eval.throughput_batch is not None:
+            return self.eval
+        return self.eval.model_copy(update={"throughput_batch": self.student_train.batch_size})
 
     def digest_dict(self) -> dict[str, Any]:
         return json.loads(self.model_dump_json())

@@ -4,7 +4,14 @@ The CLI and the Prefect tasks both call these; outputs are files (safetensors, J
 
 A training stage is identified by :func:`stage_fingerprint` (role, model, training config, KD config, data
 and teacher checksums): it is recorded in the stage's config.json and in each of its checkpoints, and a
-stage re-run into a folder of another fingerprint is refused instead of silently resuming the other run.
+stage re-run into a folder of another fingerprint is refused instead of silently resuming the other run
+(:func:`distill.stage_output.claim_out_dir`).
+
+Normalisation: a model is trained on inputs normalised with the per-channel pixel mean/std of its prepared
+training split (the manifest's ``normalization``) and records them in its config.json (``normalization``);
+:func:`evaluate`, :func:`speed`, :func:`input_example` and every consumer of :func:`load_model` normalise with
+:func:`model_normalization` of the model folder. Model folders written before this was recorded were trained
+with the CIFAR-10 constants, which :func:`model_normalization` returns for them.
 """
 
 from __future__ import annotations
@@ -22,20 +29,22 @@ from safetensors.torch import load as load_safetensors_bytes
 from torch import nn
 
 from .. import __version__
+import numpy as np
+
 from ..checkpoint import (
     CheckpointError,
     CheckpointMismatch,
-    check_fingerprint,
-    clear_checkpoints,
-    fingerprint_diff,
     point_latest,
     retained_checkpoints,
     save_tensors_atomic,
 )
 from .config import DataConfig, EvalConfig, KDConfig, LabConfig, ModelSpec, TrainConfig
-from .data import load_prepared, prepare_dataset, read_manifest
+from .data import CIFAR10_MEAN, CIFAR10_STD, PixelStats, load_prepared, normalize, prepare_dataset, read_manifest
+from .data.stats import stats_from_manifest, stats_from_record
 from .evaluate import evaluate as _evaluate
+from .evaluate import speed_metrics, throughput_batch
 from ..files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
+from ..stage_output import claim_out_dir
 from .models import build_model
 from .train import fit, train_fingerprint
 
@@ -50,11 +59,14 @@ __all__ = [
     "CheckpointMismatch",
     "ModelLoadError",
     "evaluate",
+    "input_example",
     "load_model",
     "manifest_sha256",
+    "model_normalization",
     "point_latest",
     "prepare",
     "retained_checkpoints",
+    "speed",
     "stage_fingerprint",
     "train",
 ]
@@ -99,12 +111,41 @@ def _read_model_meta(model_dir: Path) -> dict:
     )
     if not ok:
         raise ModelLoadError(f"model folder {model_dir}: config.json lacks model.name, num_classes or weights_sha256")
+    if "normalization" in meta:
+        stats_from_record(meta["normalization"], where=f"model folder {model_dir}: config.json", error=ModelLoadError)
     return meta
+
+
+def _meta_normalization(meta: dict, model_dir: Path) -> PixelStats:
+    if "normalization" not in meta:  # written before the statistics were recorded: trained with these
+        return PixelStats(CIFAR10_MEAN, CIFAR10_STD)
+    return stats_from_record(meta["normalization"], where=f"model folder {model_dir}: config.json", error=ModelLoadError)
+
+
+def model_normalization(model_dir: str | Path) -> PixelStats:
+    """The (mean, std) per channel the model in ``model_dir`` was trained with (its config.json's
+    ``normalization``: the pixel statistics of its prepared training split); ``normalize(x, *stats)`` turns
+    uint8 images into its input. Folders without the record (written before it existed) get the CIFAR-10
+    constants they were trained with."""
+    model_dir = Path(model_dir)
+    return _meta_normalization(_read_model_meta(model_dir), model_dir)
+
+
+def input_example(model_dir: str | Path, data_dir: str | Path, *, split: str = "test", n: int = 1) -> np.ndarray:
+    """The first ``n`` images of ``split`` of the prepared ``data_dir`` as the model in ``model_dir`` takes them:
+    float32 ``[n, C, H, W]``, normalised with :func:`model_normalization` (e.g. an MLflow input example)."""
+    stats = model_normalization(model_dir)
+    data = load_prepared(data_dir, verify=False)
+    if split not in data:
+        raise ValueError(f"split must be one of {sorted(data)}, got {split!r}")
+    x, _ = data[split]
+    return normalize(x[:n], *stats).numpy().astype(np.float32)
 
 
 def load_model(model_dir: str | Path) -> nn.Module:
     """Rebuild a trained model from ``config.json`` + ``model.safetensors`` (no pickle involved). The weights
-    must match the sha256 that config.json records; any defect is a :class:`ModelLoadError` naming the folder."""
+    must match the sha256 that config.json records; any defect is a :class:`ModelLoadError` naming the folder.
+    The model takes normalised float input: use :func:`model_normalization` (or :func:`input_example`)."""
     model_dir = Path(model_dir)
     meta = _read_model_meta(model_dir)
     try:
@@ -193,29 +234,9 @@ def _check_batch_size(field: str, tcfg: TrainConfig, n_train: int | None) -> Non
 
 
 def _claim_out_dir(out_dir: Path, fingerprint: dict, resume: bool) -> None:
-    """Refuse an out_dir holding another configuration's outputs or checkpoints (resume=True), or wipe them
-    (resume=False)."""
-    ckpts = out_dir / "checkpoints"
-    if not resume:
-        clear_checkpoints(ckpts)
-        for name in _STAGE_OUTPUTS:
-            (out_dir / name).unlink(missing_ok=True)
-        for p in out_dir.glob("eval_*.json"):
-            p.unlink(missing_ok=True)
-        return
-    config = out_dir / "config.json"
-    if config.exists():
-        how = f"Start fresh with --no-resume (resume=False), which deletes its old outputs and checkpoints, or delete {out_dir}."
-        try:
-            old = json.loads(config.read_bytes())
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config} cannot be read ({e}), so {out_dir} cannot be resumed. {how}") from e
-        if not isinstance(old, dict) or old.get("fingerprint_sha256") != sha256_json(fingerprint):
-            recorded = old.get("fingerprint") if isinstance(old, dict) else None
-            why = ("it differs in " + ", ".join(fingerprint_diff(recorded, fingerprint))) if isinstance(recorded, dict) \
-                else "it records no run fingerprint"
-            raise CheckpointMismatch(f"{out_dir} holds the output of another run configuration ({config}: {why}). {how}")
-    check_fingerprint(ckpts, fingerprint)
+    """:func:`distill.stage_output.claim_out_dir` for an image stage folder (fingerprint in config.json)."""
+    claim_out_dir(out_dir, fingerprint, resume, outputs=_STAGE_OUTPUTS, config_name="config.json",
+                  fresh_hint="--no-resume (resume=False)")
 
 
 def _teacher_weights_sha256(teacher_dir: str | Path) -> str:
@@ -252,6 +273,8 @@ def train(
     fingerprint = stage_fingerprint(
         role, cfg, data_manifest_sha256=manifest_sha256(data_dir), kd=kd, teacher_weights_sha256=teacher_sha
     )
+    stats = stats_from_manifest(manifest, str(Path(data_dir) / "manifest.json"))
+    teacher_stats = model_normalization(teacher_dir) if role == "student" else None
     out_dir.mkdir(parents=True, exist_ok=True)
     _claim_out_dir(out_dir, fingerprint, resume)
     data = load_prepared(data_dir)
@@ -265,6 +288,7 @@ def train(
     model, res = fit(
         model, data, tcfg, teacher=teacher, kd=kd, log_fn=log_fn, ckpt_dir=out_dir / "checkpoints",
         on_checkpoint=on_checkpoint, resume=resume, desc=desc, fingerprint=fingerprint,
+        stats=stats, teacher_stats=teacher_stats,
     )
     wall = time.perf_counter() - t0
     return _write_outputs(out_dir, role, cfg, model, res, wall, fingerprint, classes, spec, tcfg, kd)
@@ -289,6 +313,8 @@ def _write_outputs(out_dir: Path, role, cfg: LabConfig, model: nn.Module, res, w
         "teacher_weights_sha256": fingerprint["teacher_weights_sha256"],
         "fingerprint": fingerprint,
         "fingerprint_sha256": sha256_json(fingerprint),
+        # the pixel statistics of the training split the inputs were normalised with (model_normalization)
+        "normalization": res.normalization,
     }
     atomic_write_json(out_dir / "config.json", meta)
     atomic_write_json(out_dir / "history.json", res.history)
@@ -313,6 +339,15 @@ def manifest_sha256(data_dir: str | Path) -> str:
     return sha256_file(Path(data_dir) / "manifest.json")
 
 
+def _speed_batch(eval_cfg: EvalConfig, meta: dict) -> int:
+    """``eval_cfg.throughput_batch``, or (None) the student batch size of the LabConfig the model was trained
+    in (its config.json's ``lab.student_train.batch_size``)."""
+    lab = meta.get("lab")
+    student = lab.get("student_train") if isinstance(lab, dict) else None
+    bs = student.get("batch_size") if isinstance(student, dict) else None
+    return throughput_batch(eval_cfg, bs if type(bs) is int and bs >= 1 else None)
+
+
 def evaluate(
     model_dir: str | Path,
     data_dir: str | Path,
@@ -321,14 +356,46 @@ def evaluate(
     split: str = "test",
     teacher_dir: str | Path | None = None,
     out_path: str | Path | None = None,
+    speed: bool = True,
 ) -> dict:
+    """Metrics of the model in ``model_dir`` on ``split`` of the prepared ``data_dir`` (written to
+    ``out_path``, default ``model_dir/eval_<split>.json``). Images are normalised with the statistics the model
+    (and the teacher, for ``agreement``) was trained with (:func:`model_normalization`). The speed metrics
+    (:func:`distill.image.evaluate.speed_metrics`) are measured when ``speed`` and ``eval_cfg.speed``; with
+    ``eval_cfg.throughput_batch`` None the throughput batch is the model's LabConfig's student batch size."""
+    eval_cfg = eval_cfg or EvalConfig()
+    model_dir = Path(model_dir)
     data = load_prepared(data_dir)
     if split not in data:
         raise ValueError(f"split must be one of {sorted(data)}, got {split!r}")
     x, y = data[split]
+    meta = _read_model_meta(model_dir)
+    stats = _meta_normalization(meta, model_dir)
     model = load_model(model_dir)
     teacher = load_model(teacher_dir) if teacher_dir else None
-    metrics = _evaluate(model, x, y, eval_cfg, classes=read_manifest(data_dir)["classes"], teacher=teacher)
+    teacher_stats = model_normalization(teacher_dir) if teacher_dir else None
+    cfg = eval_cfg.model_copy(update={"speed": bool(speed and eval_cfg.speed)})
+    metrics = _evaluate(model, x, y, cfg, stats=stats, classes=read_manifest(data_dir)["classes"], teacher=teacher,
+                        teacher_stats=teacher_stats, speed_batch=_speed_batch(eval_cfg, meta))
     metrics["split"] = split
-    atomic_write_json(out_path or Path(model_dir) / f"eval_{split}.json", metrics)
+    atomic_write_json(out_path or model_dir / f"eval_{split}.json", metrics)
+    return metrics
+
+
+def speed(model_dir: str | Path, data_dir: str | Path, eval_cfg: EvalConfig | None = None, *,
+          out_path: str | Path | None = None) -> dict:
+    """Only the speed metrics of the model in ``model_dir`` (:func:`distill.image.evaluate.speed_metrics`:
+    ``latency_ms_b1``, ``throughput``, ``throughput_batch``, ``speed_device`` and, with CUDA,
+    ``latency_ms_b1_cuda``, ``throughput_cuda``), on inputs of the image shape of the prepared ``data_dir``; meant
+    to run when nothing else competes for the machine. ``eval_cfg.throughput_batch`` None: the model's LabConfig's
+    student batch size. Measured even if ``eval_cfg.speed`` is False (calling this is the request). Written to
+    ``out_path`` if given."""
+    eval_cfg = eval_cfg or EvalConfig()
+    model_dir = Path(model_dir)
+    meta = _read_model_meta(model_dir)
+    shape = tuple(int(d) for d in read_manifest(data_dir)["image_shape"])
+    model = load_model(model_dir)
+    metrics = speed_metrics(model, eval_cfg, batch=_speed_batch(eval_cfg, meta), image_shape=shape)
+    if out_path is not None:
+        atomic_write_json(out_path, metrics)
     return metrics

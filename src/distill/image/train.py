@@ -3,7 +3,10 @@
 - SGD with momentum and weight decay, cosine schedule (per epoch like the seed, or per step), optional warmup.
 - On CUDA: the split lives on the device, augmentation runs there in batch, bf16 autocast and channels_last,
   optional torch.compile (``reduce-overhead`` = CUDA graphs). On CPU the same code runs on CPU tensors.
-- The frozen teacher runs under ``inference_mode`` on exactly the student's augmented batch.
+- Inputs are normalised with the per-channel pixel statistics of the training split (``stats``; by default
+  computed from ``data["train"]``), recorded in :attr:`FitResult.normalization`.
+- The frozen teacher runs under ``inference_mode`` on exactly the student's augmented batch (re-normalised to
+  the teacher's own statistics when it was trained with other ones).
 - A checkpoint after every epoch (model, optimiser, scheduler, RNG states, best-so-far weights, history),
   stamped with the run's fingerprint; a killed run resumes from the last one and ends bit-identical on CPU to
   an uninterrupted run, and a checkpoint of another configuration is refused, never resumed. Old checkpoints
@@ -15,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from .config import KDConfig, TrainConfig
-from .data import Augment, iterate_batches, normalize
+from .data import Augment, PixelStats, channel_stats, iterate_batches, normalize
 from ..files import sha256_json
 from ..runtime import Progress as _Progress
 from ..runtime import epoch_generator as _epoch_generator
@@ -95,16 +97,27 @@ class FitResult:
     train_seconds: float = 0.0
     images_per_second: float = 0.0
     runtime: dict = field(default_factory=dict)
+    normalization: dict = field(default_factory=dict)  # {"mean": [...], "std": [...]} the inputs were normalised with
+
+
+def as_stats(stats) -> PixelStats:
+    """A (mean, std) pair or ``{"mean", "std"}`` dict as :class:`~distill.image.data.PixelStats`."""
+    if isinstance(stats, dict):
+        stats = (stats["mean"], stats["std"])
+    mean, std = stats
+    return PixelStats(tuple(float(v) for v in mean), tuple(float(v) for v in std))
 
 
 @torch.no_grad()
-def predict(model: nn.Module, x_u8: torch.Tensor, rt: Runtime, batch_size: int = 1000) -> torch.Tensor:
-    """Float32 logits of ``model`` on uint8 images (normalised here), in batches, on rt.device."""
+def predict(model: nn.Module, x_u8: torch.Tensor, rt: Runtime, batch_size: int = 1000, *, stats) -> torch.Tensor:
+    """Float32 logits of ``model`` on uint8 images (normalised here with ``stats`` = (mean, std), those of the
+    data the model was trained on), in batches, on rt.device."""
+    mean, std = as_stats(stats)
     was_training = model.training
     model.eval()
     outs = []
     for i in range(0, len(x_u8), batch_size):
-        xb = normalize(x_u8[i : i + batch_size].to(rt.device, non_blocking=True))
+        xb = normalize(x_u8[i : i + batch_size].to(rt.device, non_blocking=True), mean, std)
         if rt.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
@@ -122,23 +135,40 @@ def train_fingerprint(cfg: TrainConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
 
 
-def fit_fingerprint(model: nn.Module, cfg: TrainConfig, *, teacher: nn.Module | None = None, kd: KDConfig | None = None) -> dict:
+def fit_fingerprint(model: nn.Module, cfg: TrainConfig, *, teacher: nn.Module | None = None, kd: KDConfig | None = None,
+                    stats=None) -> dict:
     """The fingerprint :func:`fit` records in its checkpoints when its caller gives none: the model's class and
-    parameter shapes, :func:`train_fingerprint` and (with a teacher) the KD config. ``stages.train`` passes the
-    fuller ``stages.stage_fingerprint`` instead."""
+    parameter shapes, :func:`train_fingerprint`, (with a teacher) the KD config and the input normalisation
+    ``stats``. ``stages.train`` passes the fuller ``stages.stage_fingerprint`` instead (whose data manifest
+    checksum covers the statistics)."""
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     return {
         "fit": 1,
         "model": {"class": type(model).__qualname__, "state_shapes_sha256": sha256_json(shapes)},
         "train": train_fingerprint(cfg),
         "kd": (kd or KDConfig()).model_dump(mode="json") if teacher is not None else None,
+        "normalization": as_stats(stats).to_json() if stats is not None else None,
     }
+
+
+def _renormalizer(stats: PixelStats, teacher_stats: PixelStats | None, device: torch.device):
+    """(scale, shift) [C,1,1] mapping inputs normalised with ``stats`` to ``teacher_stats``, or None if equal."""
+    if teacher_stats is None or tuple(teacher_stats) == tuple(stats):
+        return None
+    m_s, s_s = (torch.tensor(v, dtype=torch.float64) for v in stats)
+    m_t, s_t = (torch.tensor(v, dtype=torch.float64) for v in teacher_stats)
+    if len(m_t) != len(m_s):
+        raise ValueError(f"the teacher's normalization has {len(m_t)} channels, the data {len(m_s)}")
+    # (x*s_s + m_s - m_t) / s_t
+    scale, shift = s_s / s_t, (m_s - m_t) / s_t
+    return tuple(t.to(torch.float32).view(-1, 1, 1).to(device) for t in (scale, shift))
 
 
 class _Trainer:
     """One fit() call: set-up, resume, epochs, checkpoints. Split out of fit() to keep each piece readable."""
 
-    def __init__(self, model, data, cfg: TrainConfig, teacher, kd: KDConfig | None, desc: str):
+    def __init__(self, model, data, cfg: TrainConfig, teacher, kd: KDConfig | None, desc: str,
+                 stats: PixelStats, teacher_stats: PixelStats | None):
         self.rt = rt = resolve_runtime(cfg)
         self.dev = dev = rt.device
         self.cfg, self.desc, self.model, self.teacher = cfg, desc, model, teacher
@@ -168,8 +198,11 @@ class _Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, LRSchedule(cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs, cfg.schedule == "cosine_epoch")
         )
-        self.augment = Augment()
-        self.result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last, "compile": rt.compile})
+        self.stats = stats
+        self.augment = Augment(stats.mean, stats.std)
+        self.teacher_affine = _renormalizer(stats, teacher_stats, dev) if teacher is not None else None
+        self.result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last, "compile": rt.compile},
+                                normalization=stats.to_json())
         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.start_epoch = 0
 
@@ -227,6 +260,7 @@ class _Trainer:
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
         opt, sched, augment, loss_fn, loss_kw = self.opt, self.sched, self.augment, self.loss_fn, self.loss_kw
+        t_affine = self.teacher_affine
 
         def step(xb_u8: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             if cuda_graphs:
@@ -237,7 +271,7 @@ class _Trainer:
             t_logits = None
             if tfwd is not None:
                 with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
-                    t_logits = tfwd(xb).float()
+                    t_logits = tfwd(xb if t_affine is None else torch.addcmul(t_affine[1], xb, t_affine[0])).float()
                 t_logits = t_logits.clone()  # a normal tensor, usable by autograd-tracked ops
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
                 s_logits = fwd(xb)
@@ -277,7 +311,7 @@ class _Trainer:
 
     def validate(self, epoch: int) -> tuple[float, float]:
         """(val accuracy, val loss); remembers the weights of the best epoch so far."""
-        val_logits = predict(self.model, self.x_val, self.rt, self.cfg.eval_batch_size)
+        val_logits = predict(self.model, self.x_val, self.rt, self.cfg.eval_batch_size, stats=self.stats)
         val_acc = float((val_logits.argmax(1) == self.y_val).float().mean().item())
         val_loss = float(torch.nn.functional.cross_entropy(val_logits, self.y_val).item())
         res = self.result
@@ -300,10 +334,18 @@ def fit(
     resume: bool = True,
     desc: str = "train",
     fingerprint: dict | None = None,
+    stats=None,
+    teacher_stats=None,
 ) -> tuple[nn.Module, FitResult]:
     """Train ``model`` on ``data["train"]``, select on ``data["val"]``; returns the best-on-validation model.
 
     With ``teacher`` the loss is ``kd.loss`` (default Hinton KD); without, plain cross-entropy.
+
+    Inputs are normalised with ``stats`` = (mean, std) per channel of pixel values in [0, 1]: those of the
+    training split (``stages.train`` passes the prepared manifest's); ``None`` computes them from
+    ``data["train"]`` (:func:`~distill.image.data.channel_stats`). They are returned in
+    ``FitResult.normalization``. ``teacher_stats``: what the teacher was trained with (default: ``stats``); the
+    teacher's input is re-normalised to them when they differ.
 
     With ``ckpt_dir``, a checkpoint is written after every epoch, recording ``fingerprint`` (default
     :func:`fit_fingerprint`); then the last ``cfg.keep_checkpoints`` (plus, with ``cfg.keep_best_checkpoint``,
@@ -313,10 +355,12 @@ def fit(
     """
     if teacher is not None:
         kd = kd or KDConfig()
+    stats = as_stats(stats) if stats is not None else channel_stats(data["train"][0])
+    teacher_stats = as_stats(teacher_stats) if teacher_stats is not None else None
     ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
     if ckpt_root is not None and fingerprint is None:
-        fingerprint = fit_fingerprint(model, cfg, teacher=teacher, kd=kd)
-    tr = _Trainer(model, data, cfg, teacher, kd, desc)
+        fingerprint = fit_fingerprint(model, cfg, teacher=teacher, kd=kd, stats=stats)
+    tr = _Trainer(model, data, cfg, teacher, kd, desc, stats, teacher_stats)
     if ckpt_root is not None:
         if resume:
             tr.restore(ckpt_root, fingerprint)

@@ -549,26 +549,9 @@ def _try_cache_hit(final: Path, key: str) -> PreparedText | None:
 
 
 
-def prepare_text(
-    sources: Mapping[str, Sequence[str | os.PathLike] | str | os.PathLike] | Sequence[str | os.PathLike]
-    | str | os.PathLike,
-    tokenizer: Any,
-    cache_dir: str | os.PathLike,
-    *,
-    block_size: int,
-    val_fraction: float = 0.1,
-    test_fraction: float = 0.0,
-    split_seed: int = 0,
-    max_tokens: int | None = None,
-    txt_documents: str = "paragraphs",
-) -> PreparedText:
-    """Tokenise ``sources`` once into ``cache_dir/<key16>/`` (or reuse a verified folder) and return it.
-
-    ``sources``: ``{"train": files, "val": files, "test": files}`` (splits as given, ``train`` required; the
-    fractions are then unused), or one path / a list of paths split by document with ``val_fraction`` and
-    ``test_fraction`` (seeded by ``split_seed``). ``max_tokens`` caps each split's stream (whole documents are
-    tokenised until the cap is reached, then the stream is cut to exactly ``max_tokens``). Raises DataError on
-    bad input, naming the file (and line)."""
+def _check_prepare_args(sources, block_size, val_fraction, test_fraction, split_seed, max_tokens,
+                        txt_documents) -> tuple[str, dict[str, list[Path]], float, float]:
+    """-> (split mode, files per split or pool, val_fraction, test_fraction), the fractions checked when used."""
     check_int("block_size", block_size, minimum=1, error=DataError)
     check_int("split_seed", split_seed, minimum=0, error=DataError)
     check_int("max_tokens", max_tokens, minimum=2, allow_none=True, error=DataError)
@@ -580,10 +563,12 @@ def prepare_text(
         test_fraction = _check_fraction("test_fraction", test_fraction)
         if val_fraction + test_fraction >= 1:
             raise DataError(f"val_fraction + test_fraction must be < 1, got {val_fraction + test_fraction}")
-    ident = tokenizer_identity(tokenizer)
-    dtype = "uint16" if ident["vocab_size"] < _UINT16_LIMIT else "uint32"
+    return mode, files, val_fraction, test_fraction
 
-    src_records = []
+
+def _source_records(files: dict[str, list[Path]]) -> list[dict]:
+    """One record per source file: its split (or "pool"), path, format, sha256 and size."""
+    records = []
     for group, paths in files.items():
         for p in paths:
             fmt = source_format(p)
@@ -593,43 +578,37 @@ def prepare_text(
                 raise DataError(f"{p} missing") from e
             except OSError as e:
                 raise DataError(f"cannot read {p}: {e}") from e
-            src_records.append({"split": group, "path": str(p), "format": fmt, "sha256": digest, "bytes": size})
-    params = {
-        "block_size": int(block_size),
-        "split_mode": mode,
-        "val_fraction": val_fraction if mode == "held_out" else None,
-        "test_fraction": test_fraction if mode == "held_out" else None,
-        "split_seed": int(split_seed) if mode == "held_out" else None,
-        "max_tokens": None if max_tokens is None else int(max_tokens),
-        "txt_documents": txt_documents,
-    }
-    key_obj = {
+            records.append({"split": group, "path": str(p), "format": fmt, "sha256": digest, "bytes": size})
+    return records
+
+
+def _cache_key(ident: dict, params: dict, src_records: list[dict]) -> str:
+    return sha256_json({
         "kind": KIND,
         "format_version": FORMAT_VERSION,
         "tokenizer": {k: ident[k] for k in ("class", "vocab_size", "eos_id", "sha256")},
         "params": params,
         "sources": [[r["split"], r["format"], r["sha256"]] for r in src_records],
-    }
-    key = sha256_json(key_obj)
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    final = cache_dir / key[:16]
+    })
 
-    hit = _try_cache_hit(final, key)
-    if hit is not None:
-        log.info("text cache hit: %s", final)
-        return hit
 
-    clean_stale_tmp(cache_dir, key[:16])
+def _documents_by_split(files: dict[str, list[Path]], mode: str, txt_documents: str, val_fraction: float,
+                        test_fraction: float, split_seed: int) -> dict[str, list[Document]]:
     docs_by_group: dict[str, list[Document]] = {}
     for group, paths in files.items():
         docs_by_group[group] = [d for p in paths for d in read_documents(p, txt_documents=txt_documents)]
     if mode == "held_out":
-        pool = docs_by_group["pool"]
         where = ", ".join(str(p) for p in files["pool"])
-        docs_by_group = _split_documents(pool, val_fraction, test_fraction, split_seed, where)
+        docs_by_group = _split_documents(docs_by_group["pool"], val_fraction, test_fraction, split_seed, where)
+    return docs_by_group
+
+
+def _tokenize_splits(docs_by_split: dict[str, list[Document]], files: dict[str, list[Path]], tokenizer: Any,
+                     ident: dict, max_tokens: int | None, dtype: str, block_size: int,
+                     ) -> tuple[dict[str, dict], dict[str, np.ndarray]]:
+    """-> (the manifest's per-split info, the arrays to write by file name)."""
     splits_info, arrays = {}, {}
-    for split, docs in docs_by_group.items():
+    for split, docs in docs_by_split.items():
         where = ", ".join(sorted({d.source for d in docs})) or str(files.get(split, "?"))
         ids, mask, used, truncated = _tokenize_split(docs, tokenizer, ident, max_tokens)
         if len(ids) < 2:
@@ -650,7 +629,13 @@ def prepare_text(
             "ids_file": ids_file,
             "mask_file": mask_file,
         }
+    return splits_info, arrays
 
+
+def _publish_cache(cache_dir: Path, final: Path, key: str, arrays: dict[str, np.ndarray],
+                   manifest_head: dict, splits_info: dict) -> PreparedText:
+    """Write the arrays and the manifest (``manifest_head``, then ``splits`` and ``files``) to a temporary folder
+    and rename it to ``final``; when another process published it first, return theirs."""
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{key[:16]}-", dir=cache_dir))
     try:
         file_entries = {}
@@ -658,19 +643,7 @@ def prepare_text(
             data = _npy_bytes(arr)
             atomic_write_bytes(tmp / name, data)
             file_entries[name] = {"sha256": sha256_bytes(data), "bytes": len(data)}
-        manifest = {
-            "kind": KIND,
-            "format_version": FORMAT_VERSION,
-            "cache_key": key,
-            "tokenizer": ident,
-            "params": params,
-            "block_size": int(block_size),
-            "dtype": dtype,
-            "packing": "flat stream, one EOS between documents; load_blocks cuts block_size+1 windows",
-            "sources": src_records,
-            "splits": splits_info,
-            "files": file_entries,
-        }
+        manifest = {**manifest_head, "splits": splits_info, "files": file_entries}
         mbytes = manifest_bytes(manifest)
         atomic_write_bytes(tmp / MANIFEST_NAME, mbytes)
         theirs = publish(tmp, final, lambda: _try_cache_hit(final, key))
@@ -679,5 +652,66 @@ def prepare_text(
         raise
     if theirs is not None:
         return theirs
-    log.info("prepared text %s -> %s", [r["path"] for r in src_records], final)
+    log.info("prepared text %s -> %s", [r["path"] for r in manifest_head["sources"]], final)
     return PreparedText(final, json.loads(mbytes), sha256_bytes(mbytes))
+
+
+def prepare_text(
+    sources: Mapping[str, Sequence[str | os.PathLike] | str | os.PathLike] | Sequence[str | os.PathLike]
+    | str | os.PathLike,
+    tokenizer: Any,
+    cache_dir: str | os.PathLike,
+    *,
+    block_size: int,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.0,
+    split_seed: int = 0,
+    max_tokens: int | None = None,
+    txt_documents: str = "paragraphs",
+) -> PreparedText:
+    """Tokenise ``sources`` once into ``cache_dir/<key16>/`` (or reuse a verified folder) and return it.
+
+    ``sources``: ``{"train": files, "val": files, "test": files}`` (splits as given, ``train`` required; the
+    fractions are then unused), or one path / a list of paths split by document with ``val_fraction`` and
+    ``test_fraction`` (seeded by ``split_seed``). ``max_tokens`` caps each split's stream (whole documents are
+    tokenised until the cap is reached, then the stream is cut to exactly ``max_tokens``). Raises DataError on
+    bad input, naming the file (and line)."""
+    mode, files, val_fraction, test_fraction = _check_prepare_args(
+        sources, block_size, val_fraction, test_fraction, split_seed, max_tokens, txt_documents)
+    ident = tokenizer_identity(tokenizer)
+    dtype = "uint16" if ident["vocab_size"] < _UINT16_LIMIT else "uint32"
+    src_records = _source_records(files)
+    params = {
+        "block_size": int(block_size),
+        "split_mode": mode,
+        "val_fraction": val_fraction if mode == "held_out" else None,
+        "test_fraction": test_fraction if mode == "held_out" else None,
+        "split_seed": int(split_seed) if mode == "held_out" else None,
+        "max_tokens": None if max_tokens is None else int(max_tokens),
+        "txt_documents": txt_documents,
+    }
+    key = _cache_key(ident, params, src_records)
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    final = cache_dir / key[:16]
+
+    hit = _try_cache_hit(final, key)
+    if hit is not None:
+        log.info("text cache hit: %s", final)
+        return hit
+
+    clean_stale_tmp(cache_dir, key[:16])
+    docs_by_split = _documents_by_split(files, mode, txt_documents, val_fraction, test_fraction, split_seed)
+    splits_info, arrays = _tokenize_splits(docs_by_split, files, tokenizer, ident, max_tokens, dtype, block_size)
+    manifest_head = {
+        "kind": KIND,
+        "format_version": FORMAT_VERSION,
+        "cache_key": key,
+        "tokenizer": ident,
+        "params": params,
+        "block_size": int(block_size),
+        "dtype": dtype,
+        "packing": "flat stream, one EOS between documents; load_blocks cuts block_size+1 windows",
+        "sources": src_records,
+    }
+    return _publish_cache(cache_dir, final, key, arrays, manifest_head, splits_info)

@@ -22,7 +22,6 @@ the same weights and see the same steps and data.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 import time
@@ -33,12 +32,13 @@ import torch
 from torch import nn
 
 from .. import __version__
-from ..checkpoint import CheckpointError, CheckpointMismatch, check_fingerprint, clear_checkpoints, fingerprint_diff
+from ..checkpoint import CheckpointMismatch
 from ..files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
+from ..stage_output import claim_out_dir
 from .data import load_blocks, read_text_manifest, tokenizer_identity
 from .evaluate import evaluate_lm, model_size, state_bytes
 from .prune import count_params, prune
-from .train import LMKDConfig, LMTrainConfig, fit_lm, lm_train_fingerprint
+from .train import LMKDConfig, LMTrainConfig, fit_lm, lm_kd_fingerprint, lm_train_fingerprint
 
 log = logging.getLogger("distill.lm.stages")
 
@@ -207,38 +207,17 @@ def lm_stage_fingerprint(role: str, *, init_weights_sha256: str, init_config: di
         "init_weights_sha256": init_weights_sha256,
         "init_config_sha256": sha256_json(init_config),
         "train": lm_train_fingerprint(train_cfg),
-        "kd": kd_cfg.model_dump(mode="json") if kd_cfg is not None else None,
+        "kd": lm_kd_fingerprint(kd_cfg) if kd_cfg is not None else None,
         "data_manifest_sha256": data_manifest_sha256,
         "teacher_weights_sha256": teacher_weights_sha256,
     }
 
 
 def _claim_out_dir(out_dir: Path, fingerprint: dict, resume: bool) -> None:
-    ckpts = out_dir / "checkpoints"
-    if not resume:
-        clear_checkpoints(ckpts)
-        for name in _STAGE_OUTPUTS:
-            (out_dir / name).unlink(missing_ok=True)
-        for p in out_dir.glob("eval_*.json"):
-            p.unlink(missing_ok=True)
-        return
-    config = out_dir / DISTILL_CONFIG
-    how = f"Start fresh with resume=False, which deletes its old outputs and checkpoints, or delete {out_dir}."
-    if config.exists():
-        try:
-            old = json.loads(config.read_bytes())
-        except (OSError, ValueError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{config} cannot be read ({e}), so {out_dir} cannot be resumed. {how}") from e
-        if not isinstance(old, dict) or old.get("fingerprint_sha256") != sha256_json(fingerprint):
-            recorded = old.get("fingerprint") if isinstance(old, dict) else None
-            why = ("it differs in " + ", ".join(fingerprint_diff(recorded, fingerprint))) if isinstance(recorded, dict) \
-                else "it records no run fingerprint"
-            old_role = old.get("role") if isinstance(old, dict) else None
-            raise CheckpointMismatch(f"{out_dir} holds the output of another run (role {old_role!r}, now "
-                                     f"{fingerprint['role']!r}; {why}). {how}")
-    elif (out_dir / "config.json").exists() and not (out_dir / "checkpoints").exists():
-        raise CheckpointMismatch(f"{out_dir} holds a model that is not the output of this stage (no {DISTILL_CONFIG}). {how}")
-    check_fingerprint(ckpts, fingerprint)
+    """:func:`distill.stage_output.claim_out_dir` for an LM stage folder (fingerprint in distill-config.json; an
+    HF config.json without it and without checkpoints is a foreign model)."""
+    claim_out_dir(out_dir, fingerprint, resume, outputs=_STAGE_OUTPUTS, config_name=DISTILL_CONFIG,
+                  foreign_markers=("config.json",))
 
 
 def train_lm_stage(

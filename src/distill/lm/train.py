@@ -28,6 +28,20 @@ Optimisation.
   logits are sliced to the shared leading ``min(V_student, V_teacher)`` entries.
 - bf16 autocast on CUDA (``amp="auto"``), or wherever ``amp="bf16"``; the losses run in float32.
 
+Generated batches: on-policy GKD and sequence-level KD (:mod:`distill.lm.gkd`; Agarwal et al. 2024, TRL
+``GKDTrainer`` conventions). With ``kd.lmbda > 0`` each micro-batch is, with probability ``lmbda``, replaced by the
+STUDENT's sampled continuations of its prompts (the first ``gen_prompt_tokens`` input tokens of each block, up to
+``gen_max_new_tokens`` new tokens at ``gen_temperature``, a row stopping after its first EOS); with ``kd.seq_kd``
+the other micro-batches use the TEACHER's sampled continuations instead of the data. Only the generated tokens
+(EOS included) are targets; the teacher then scores the generated sequence and the same token loss runs on it.
+The draw for micro-batch ``j`` of step ``s`` and its samples come from generators seeded by ``(seed, s, j)`` only
+(never the global RNG), so a resumed run replays the same decisions and samples; sampling runs under ``no_grad``
+with the model in eval mode (then back in train mode), on the weights of the start of the step. The step's token
+count ``N_step`` is that of the batches actually trained on. Generation needs a teacher and a divergence ``kind``
+(``"ce"`` is refused by :class:`LMKDConfig`), and ``gen_prompt_tokens + gen_max_new_tokens`` must not exceed the
+block length (checked when :func:`fit_lm` starts). With ``lmbda == 0`` and ``seq_kd`` off nothing is generated and
+runs, fingerprints and checkpoints are exactly those of a config without these fields.
+
 Order. Epoch ``e`` visits the training blocks in ``randperm(N)`` drawn from a generator seeded by ``(seed, e)`` only
 (on the CPU, so the order does not depend on the device), dropping the last ``N mod (batch_size * grad_accum)``
 blocks; step ``s`` (0-based) is position ``s mod steps_per_epoch`` of epoch ``s // steps_per_epoch``. A resumed run
@@ -42,7 +56,10 @@ perplexity ``exp``; the weights with the lowest validation loss are kept and ret
 - ``val_loss``, ``val_ppl``: as above;
 - ``lr``: the learning rate of the last optimiser step;
 - ``tokens_per_second``: input tokens (``batch * T``, teacher and student forward included) per second of
-  training time since the previous log (validation and checkpoint writing excluded).
+  training time since the previous log (validation and checkpoint writing excluded; generation time counts as
+  training time, generated tokens count as the input tokens of their micro-batch);
+- only with generated batches (:data:`GKD_LOG_KEYS`): ``onpolicy_frac``, the share of the micro-batches since the
+  previous log that were on-policy (the student's samples).
 
 Checkpoints. With ``ckpt_dir``, every ``checkpoint_every`` steps (also in the middle of an epoch) and after the
 last step, through :mod:`distill.checkpoint` (pickle-free, checksummed, atomic, fingerprinted, retention
@@ -85,9 +102,11 @@ from ..runtime import Progress as _Progress
 from ..runtime import epoch_generator as _epoch_generator
 from ..runtime import rng_state as _rng_state
 from ..runtime import set_rng_state as _set_rng_state
+from . import gkd as _gkd
 from .losses import distill_loss_parts
 
 __all__ = [
+    "GKD_LOG_KEYS",
     "LOG_KEYS",
     "LMFitResult",
     "LMKDConfig",
@@ -96,6 +115,7 @@ __all__ = [
     "Blocks",
     "fit_lm",
     "lm_fit_fingerprint",
+    "lm_kd_fingerprint",
     "lm_train_fingerprint",
     "mean_token_ce",
     "perplexity",
@@ -108,6 +128,8 @@ LogFn = Callable[[dict, int], None]
 
 #: the metric keys ``log_fn`` receives at every evaluation step
 LOG_KEYS = ("train_loss", "val_loss", "val_ppl", "lr", "tokens_per_second")
+#: the extra keys (history rows and ``log_fn``) of a run with generated batches (``kd.lmbda > 0`` or ``kd.seq_kd``)
+GKD_LOG_KEYS = ("onpolicy_frac",)
 
 MAX_STEPS = 10_000_000  # checkpoint folders hold the step in at most 9 digits
 
@@ -158,6 +180,38 @@ class LMKDConfig(_Strict):
     alpha: float = Field(1.0, ge=0, le=1, description="weight of the soft term; 1 - alpha weighs the hard CE")
     beta: float = Field(0.5, ge=0, le=1, description="jsd interpolation (0 forward KL, 1 reverse KL)")
     skew: float = Field(0.1, ge=0, lt=1, description="mixing weight of skew_fkl / skew_rkl")
+    # on-policy GKD / sequence-level KD (distill.lm.gkd; TRL GKDTrainer's lmbda, seq_kd, max_new_tokens, temperature)
+    lmbda: float = Field(
+        0.0, ge=0, le=1,
+        description="probability that a training micro-batch is replaced by the STUDENT's own sampled continuations "
+                    "of its prompts (on-policy GKD); 0 = never",
+    )
+    seq_kd: bool = Field(
+        False,
+        description="sequence-level KD: the micro-batches that are not on-policy use the TEACHER's sampled "
+                    "continuations of their prompts instead of the data",
+    )
+    gen_prompt_tokens: int = Field(
+        16, ge=1, le=2**20, description="the first N input tokens of each data block are the generation prompt"
+    )
+    gen_max_new_tokens: int = Field(
+        32, ge=1, le=2**20, description="most tokens sampled per prompt (a row stops after its first EOS)"
+    )
+    gen_temperature: float = Field(1.0, gt=0, le=100, description="sampling temperature of the generated batches")
+
+    @property
+    def generates(self) -> bool:
+        """True when some training micro-batches are generated (``lmbda > 0`` or ``seq_kd``)."""
+        return self.lmbda > 0 or self.seq_kd
+
+    @model_validator(mode="after")
+    def _generation_needs_a_divergence(self):
+        if self.kind == "ce" and self.generates:
+            raise ValueError(
+                f"lmbda ({self.lmbda}) > 0 or seq_kd ({self.seq_kd}) needs a distillation kind, not kind='ce': "
+                "generated batches are scored by the teacher"
+            )
+        return self
 
 
 class LMSchedule:
@@ -181,10 +235,19 @@ class LMSchedule:
 
 # LMTrainConfig fields that do not change what a run computes (display, retention, checkpoint cadence)
 NON_RESULT_FIELDS = frozenset({"progress", "keep_checkpoints", "checkpoint_every"})
+#: LMKDConfig fields of generated batches: left out of the fingerprint while no batch is generated, so that
+#: fingerprints (and checkpoints) of runs without generation are exactly those from before these fields existed
+GKD_FIELDS = ("lmbda", "seq_kd", "gen_prompt_tokens", "gen_max_new_tokens", "gen_temperature")
 
 
 def lm_train_fingerprint(cfg: LMTrainConfig) -> dict:
     return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NON_RESULT_FIELDS}
+
+
+def lm_kd_fingerprint(kd: LMKDConfig) -> dict:
+    """``kd.model_dump(mode="json")`` without :data:`GKD_FIELDS` when ``kd`` generates no batch."""
+    out = kd.model_dump(mode="json")
+    return out if kd.generates else {k: v for k, v in out.items() if k not in GKD_FIELDS}
 
 
 def _model_id(model: nn.Module) -> dict:
@@ -218,7 +281,7 @@ def lm_fit_fingerprint(
         "model": _model_id(student),
         "teacher": _model_id(teacher) if distilling else None,
         "train": lm_train_fingerprint(cfg),
-        "kd": (kd or LMKDConfig()).model_dump(mode="json") if distilling else None,
+        "kd": lm_kd_fingerprint(kd or LMKDConfig()) if distilling else None,
         "data": {"train": _blocks_id(train_blocks), "val": _blocks_id(val_blocks)},
     }
 
@@ -389,6 +452,7 @@ class _LMTrainer:
             )
         self.steps_per_epoch = n // self.per_step  # drop_last
         self._perm_epoch, self._perm = -1, None
+        self._setup_generation(student, teacher, vocab)
 
         student.to(dev)
         if self.teacher is not None:
@@ -413,6 +477,31 @@ class _LMTrainer:
         self.last_lr = float(self.opt.param_groups[0]["lr"])
         # sums of the current log interval (checkpointed, so a resumed run logs the same train_loss)
         self.pending = {"loss_sum": 0.0, "target_tokens": 0, "input_tokens": 0, "seconds": 0.0}
+        if self.generates:  # micro-batches of the interval, and how many of them were on-policy
+            self.pending.update(micro_batches=0, onpolicy_batches=0)
+        self.log_keys = LOG_KEYS + (GKD_LOG_KEYS if self.generates else ())
+
+    def _setup_generation(self, student: nn.Module, teacher: nn.Module | None, vocab: int | None) -> None:
+        """Checks and constants of generated batches (``kd.lmbda > 0`` or ``kd.seq_kd``)."""
+        kd = self.kd
+        self.generates = kd.generates
+        if not self.generates:
+            return
+        if teacher is None:  # kind="ce" with lmbda / seq_kd is refused by LMKDConfig itself
+            raise ValueError(
+                f"lmbda ({kd.lmbda}) > 0 or seq_kd ({kd.seq_kd}) needs a teacher to score the generated batches"
+            )
+        block = int(self.train[0].shape[1])
+        need = kd.gen_prompt_tokens + kd.gen_max_new_tokens
+        if need > block:
+            raise ValueError(
+                f"gen_prompt_tokens ({kd.gen_prompt_tokens}) + gen_max_new_tokens ({kd.gen_max_new_tokens}) = {need} "
+                f"does not fit the training blocks of {block} tokens; lower them or use longer blocks"
+            )
+        known = [v for v in (vocab, _vocab_size(teacher)) if v is not None]
+        self.gen_vocab = min(known) if known else None  # sample from the shared vocabulary only
+        self.eos_student = _gkd.eos_ids(student, teacher)
+        self.eos_teacher = _gkd.eos_ids(teacher, student)
 
     # --- checkpoints -----------------------------------------------------------------------------------------
 
@@ -445,6 +534,8 @@ class _LMTrainer:
                 "loss_sum": float(p["loss_sum"]), "target_tokens": int(p["target_tokens"]),
                 "input_tokens": int(p["input_tokens"]), "seconds": float(p["seconds"]),
             }
+            if self.generates:
+                self.pending.update(micro_batches=int(p["micro_batches"]), onpolicy_batches=int(p["onpolicy_batches"]))
             self.last_lr = float(st["last_lr"])
         except CheckpointMismatch:
             raise
@@ -482,38 +573,74 @@ class _LMTrainer:
             self._perm, self._perm_epoch = torch.randperm(len(self.train[0]), generator=g), epoch
         return self._perm
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, int, int]:
-        """Optimiser step ``step`` (0-based): (summed per-token loss, target tokens, input tokens)."""
-        cfg, dev, kd = self.cfg, self.dev, self.kd
+    def _step_batches(self, step: int) -> tuple[list[Blocks], int, int]:
+        """The micro-batches of optimiser step ``step`` on the device (generated ones in place of the drawn data
+        micro-batches), their target tokens and their input tokens."""
+        cfg, dev = self.cfg, self.dev
         epoch, pos = divmod(step, self.steps_per_epoch)
         idx = self._order(epoch)[pos * self.per_step : (pos + 1) * self.per_step]
         ids, labels, mask = (t[idx.to(t.device)] for t in self.train)
-        n_step = int(mask.sum())
-        denom = float(max(n_step, 1))
-        self.opt.zero_grad(set_to_none=True)
-        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        batches = []
         for j in range(cfg.grad_accum):
             sl = slice(j * cfg.batch_size, (j + 1) * cfg.batch_size)
-            x = ids[sl].to(dev, non_blocking=True)
-            y = labels[sl].to(dev, non_blocking=True)
-            m = mask[sl].to(dev, non_blocking=True)
-            if self.teacher is not None:
-                with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                    t_logits = _logits(self.teacher, x)
-                t_logits = t_logits.clone()  # a normal tensor, usable next to autograd-tracked ones
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
-                s_logits = _logits(self.model, x)
-            if self.teacher is not None:
-                v = min(s_logits.shape[-1], t_logits.shape[-1])
-                if s_logits.shape[-1] != v or t_logits.shape[-1] != v:
-                    s_logits, t_logits = s_logits[..., :v], t_logits[..., :v]
-                parts = distill_loss_parts(
-                    s_logits, t_logits, y, m, kind=kd.kind, temperature=kd.temperature, alpha=kd.alpha,
-                    beta=kd.beta, skew=kd.skew, chunk_tokens=cfg.chunk_tokens,
-                )
-                micro_sum = parts.loss * parts.num_tokens
-            else:
-                micro_sum, _ = _masked_ce_sum(s_logits, y, m, cfg.chunk_tokens)
+            batch = tuple(t[sl].to(dev, non_blocking=True) for t in (ids, labels, mask))
+            if self.generates:
+                batch = self._maybe_generate(step, j, batch)
+            batches.append(batch)
+        if not self.generates:
+            return batches, int(mask.sum()), int(ids.numel())
+        return batches, sum(int(m.sum()) for _, _, m in batches), sum(int(x.numel()) for x, _, _ in batches)
+
+    def _maybe_generate(self, step: int, j: int, batch: Blocks) -> Blocks:
+        """Micro-batch ``j`` of step ``step``: on-policy (the student's samples) with probability ``lmbda``, else
+        the teacher's samples with ``seq_kd``, else the data. The draw and the samples come from generators seeded
+        by ``(seed, step, j)`` only, so a resumed run replays them."""
+        cfg, kd = self.cfg, self.kd
+        on_policy = False
+        if kd.lmbda > 0:
+            coin = torch.Generator().manual_seed(_gkd.mixed_seed("gkd-onpolicy", cfg.seed, step, j))
+            on_policy = float(torch.rand((), generator=coin)) < kd.lmbda
+        self.pending["micro_batches"] += 1
+        self.pending["onpolicy_batches"] += int(on_policy)
+        if not (on_policy or kd.seq_kd):
+            return batch
+        g = torch.Generator(device=self.dev).manual_seed(_gkd.mixed_seed("gkd-sample", cfg.seed, step, j))
+        return _gkd.generated_blocks(
+            self.model if on_policy else self.teacher, batch[0][:, : kd.gen_prompt_tokens],
+            max_new_tokens=kd.gen_max_new_tokens, generator=g, temperature=kd.gen_temperature,
+            eos_token_ids=self.eos_student if on_policy else self.eos_teacher, vocab_limit=self.gen_vocab,
+            amp=self.amp,
+        )
+
+    def _micro_loss_sum(self, x: torch.Tensor, y: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        """Summed per-token loss of one micro-batch (attached to the student's graph)."""
+        dev, kd = self.dev, self.kd
+        if self.teacher is not None:
+            with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+                t_logits = _logits(self.teacher, x)
+            t_logits = t_logits.clone()  # a normal tensor, usable next to autograd-tracked ones
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.amp):
+            s_logits = _logits(self.model, x)
+        if self.teacher is None:
+            return _masked_ce_sum(s_logits, y, m, self.cfg.chunk_tokens)[0]
+        v = min(s_logits.shape[-1], t_logits.shape[-1])
+        if s_logits.shape[-1] != v or t_logits.shape[-1] != v:
+            s_logits, t_logits = s_logits[..., :v], t_logits[..., :v]
+        parts = distill_loss_parts(
+            s_logits, t_logits, y, m, kind=kd.kind, temperature=kd.temperature, alpha=kd.alpha,
+            beta=kd.beta, skew=kd.skew, chunk_tokens=self.cfg.chunk_tokens,
+        )
+        return parts.loss * parts.num_tokens
+
+    def train_step(self, step: int) -> tuple[torch.Tensor, int, int]:
+        """Optimiser step ``step`` (0-based): (summed per-token loss, target tokens, input tokens)."""
+        cfg = self.cfg
+        batches, n_step, n_in = self._step_batches(step)
+        denom = float(max(n_step, 1))
+        self.opt.zero_grad(set_to_none=True)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.dev)
+        for x, y, m in batches:
+            micro_sum = self._micro_loss_sum(x, y, m)
             (micro_sum / denom).backward()
             loss_sum += micro_sum.detach().double()
         if cfg.grad_clip > 0:
@@ -521,7 +648,7 @@ class _LMTrainer:
         self.last_lr = float(self.opt.param_groups[0]["lr"])
         self.opt.step()
         self.sched.step()
-        return loss_sum, n_step, int(ids.numel())
+        return loss_sum, n_step, n_in
 
     def validate(self, step: int) -> float:
         cfg = self.cfg
@@ -540,6 +667,110 @@ class _LMTrainer:
 def _sync(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
+
+
+class _FitLoop:
+    """The step loop of :func:`fit_lm`: training time, the sums of the log interval, validation rows,
+    checkpoints and the callbacks."""
+
+    def __init__(self, tr: _LMTrainer, ckpt_root: Path | None, fingerprint: dict | None,
+                 log_fn: LogFn | None, on_checkpoint: Callable[[Path, int], None] | None):
+        self.tr, self.cfg, self.pending = tr, tr.cfg, tr.pending
+        self.ckpt_root, self.fingerprint = ckpt_root, fingerprint
+        self.log_fn, self.on_checkpoint = log_fn, on_checkpoint
+        self.acc_loss = torch.tensor(tr.pending["loss_sum"], dtype=torch.float64, device=tr.dev)
+        self.call_tokens, self.call_seconds = 0, 0.0
+        self.progress: _Progress | None = None
+        self.t_mark = 0.0
+
+    def run(self) -> None:
+        tr, cfg = self.tr, self.cfg
+        self.progress = _Progress(cfg.progress, cfg.steps - tr.start_step, tr.desc)
+        tr.model.train()
+        _sync(tr.dev)
+        self.t_mark = time.perf_counter()
+        try:
+            for step in range(tr.start_step, cfg.steps):
+                self.step(step)
+        finally:
+            self.progress.close()
+
+    def step(self, step: int) -> None:
+        cfg, pending = self.cfg, self.pending
+        loss_sum, n_tgt, n_in = self.tr.train_step(step)
+        done = step + 1
+        self.acc_loss += loss_sum
+        pending["target_tokens"] += n_tgt
+        pending["input_tokens"] += n_in
+        self.call_tokens += n_in
+        self.progress.update(1)
+        do_eval = done % cfg.eval_every == 0 or done == cfg.steps
+        do_ckpt = self.ckpt_root is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
+        if not (do_eval or do_ckpt):
+            return
+        self._stop_clock()
+        row = self._evaluate(done) if do_eval else None
+        if do_ckpt:
+            folder = self.tr.save(self.ckpt_root, done, self.fingerprint)
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(folder, done)
+        if row is not None and self.log_fn is not None:
+            self.log_fn({k: float(row[k]) for k in self.tr.log_keys}, done)
+        _sync(self.tr.dev)
+        self.t_mark = time.perf_counter()
+
+    def _stop_clock(self) -> None:
+        """Close the training time since the last mark; the loss sum goes to ``pending`` (for checkpoints)."""
+        _sync(self.tr.dev)
+        dt = time.perf_counter() - self.t_mark
+        self.pending["seconds"] += dt
+        self.tr.result.train_seconds += dt
+        self.call_seconds += dt
+        self.pending["loss_sum"] = float(self.acc_loss.item())
+
+    def _evaluate(self, done: int) -> dict:
+        """Validate, append the history row of the interval that ends at step ``done``, start a new interval."""
+        tr, cfg, pending, desc = self.tr, self.cfg, self.pending, self.tr.desc
+        train_loss = pending["loss_sum"] / max(pending["target_tokens"], 1)
+        if not math.isfinite(train_loss):
+            raise FloatingPointError(f"{desc}: training loss is {train_loss} at step {done}; lower the lr")
+        val_loss = tr.validate(done)
+        secs = pending["seconds"]
+        row = {
+            "step": done,
+            "train_loss": train_loss,
+            "val_loss": val_loss,
+            "val_ppl": _ppl(val_loss),
+            "lr": tr.last_lr,
+            "tokens_per_second": pending["input_tokens"] / secs if secs > 0 else 0.0,
+        }
+        extra = ""
+        if tr.generates:
+            row["onpolicy_frac"] = pending["onpolicy_batches"] / max(pending["micro_batches"], 1)
+            extra = f" onpolicy {row['onpolicy_frac']:.2f}"
+            pending.update(micro_batches=0, onpolicy_batches=0)
+        tr.result.history.append(row)
+        self.progress.epoch_line(
+            f"{desc} step {done}/{cfg.steps}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
+            f"val_ppl {row['val_ppl']:.2f} lr {tr.last_lr:.3g}{extra} ({row['tokens_per_second']:.0f} tok/s)"
+        )
+        pending.update(loss_sum=0.0, target_tokens=0, input_tokens=0, seconds=0.0)
+        self.acc_loss.zero_()
+        return row
+
+
+def _open_checkpoints(tr: _LMTrainer, ckpt_root: Path | None, fingerprint: dict | None, resume: bool,
+                      teacher: nn.Module | None) -> dict | None:
+    """Resume from (or clear) ``ckpt_root``; -> the fingerprint to record (default :func:`lm_fit_fingerprint`)."""
+    if ckpt_root is None:
+        return fingerprint
+    if fingerprint is None:
+        fingerprint = lm_fit_fingerprint(tr.model, tr.cfg, tr.train, tr.val, teacher=teacher, kd=tr.kd)
+    if resume:
+        tr.restore(ckpt_root, fingerprint)
+    else:
+        clear_checkpoints(ckpt_root)
+    return fingerprint
 
 
 def fit_lm(
@@ -568,74 +799,12 @@ def fit_lm(
     kd = kd or LMKDConfig()
     ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
     tr = _LMTrainer(student, train_blocks, val_blocks, cfg, teacher, kd, desc)
-    if ckpt_root is not None:
-        if fingerprint is None:
-            fingerprint = lm_fit_fingerprint(student, cfg, tr.train, tr.val, teacher=teacher, kd=kd)
-        if resume:
-            tr.restore(ckpt_root, fingerprint)
-        else:
-            clear_checkpoints(ckpt_root)
-    res, dev, pending = tr.result, tr.dev, tr.pending
-    start = tr.start_step
-    progress = _Progress(cfg.progress, cfg.steps - start, desc)
-    acc_loss = torch.tensor(pending["loss_sum"], dtype=torch.float64, device=dev)
-    call_tokens, call_seconds = 0, 0.0
-    student.train()
-    _sync(dev)
-    t_mark = time.perf_counter()
-    try:
-        for step in range(start, cfg.steps):
-            loss_sum, n_tgt, n_in = tr.train_step(step)
-            done = step + 1
-            acc_loss += loss_sum
-            pending["target_tokens"] += n_tgt
-            pending["input_tokens"] += n_in
-            call_tokens += n_in
-            progress.update(1)
-            do_eval = done % cfg.eval_every == 0 or done == cfg.steps
-            do_ckpt = ckpt_root is not None and (done % cfg.checkpoint_every == 0 or done == cfg.steps)
-            if not (do_eval or do_ckpt):
-                continue
-            _sync(dev)
-            dt = time.perf_counter() - t_mark
-            pending["seconds"] += dt
-            res.train_seconds += dt
-            call_seconds += dt
-            pending["loss_sum"] = float(acc_loss.item())
-            row = None
-            if do_eval:
-                train_loss = pending["loss_sum"] / max(pending["target_tokens"], 1)
-                if not math.isfinite(train_loss):
-                    raise FloatingPointError(f"{desc}: training loss is {train_loss} at step {done}; lower the lr")
-                val_loss = tr.validate(done)
-                secs = pending["seconds"]
-                row = {
-                    "step": done,
-                    "train_loss": train_loss,
-                    "val_loss": val_loss,
-                    "val_ppl": _ppl(val_loss),
-                    "lr": tr.last_lr,
-                    "tokens_per_second": pending["input_tokens"] / secs if secs > 0 else 0.0,
-                }
-                res.history.append(row)
-                progress.epoch_line(
-                    f"{desc} step {done}/{cfg.steps}: train_loss {train_loss:.4f} val_loss {val_loss:.4f} "
-                    f"val_ppl {row['val_ppl']:.2f} lr {tr.last_lr:.3g} ({row['tokens_per_second']:.0f} tok/s)"
-                )
-                pending.update(loss_sum=0.0, target_tokens=0, input_tokens=0, seconds=0.0)
-                acc_loss.zero_()
-            if do_ckpt:
-                folder = tr.save(ckpt_root, done, fingerprint)
-                if on_checkpoint is not None:
-                    on_checkpoint(folder, done)
-            if row is not None and log_fn is not None:
-                log_fn({k: float(row[k]) for k in LOG_KEYS}, done)
-            _sync(dev)
-            t_mark = time.perf_counter()
-    finally:
-        progress.close()
-    res.steps_run = cfg.steps - start
-    res.tokens_per_second = call_tokens / call_seconds if call_seconds > 0 else 0.0
+    fingerprint = _open_checkpoints(tr, ckpt_root, fingerprint, resume, teacher)
+    loop = _FitLoop(tr, ckpt_root, fingerprint, log_fn, on_checkpoint)
+    loop.run()
+    res = tr.result
+    res.steps_run = cfg.steps - tr.start_step
+    res.tokens_per_second = loop.call_tokens / loop.call_seconds if loop.call_seconds > 0 else 0.0
     if tr.best_state is not None:
         student.load_state_dict(tr.best_state)
     return student, res

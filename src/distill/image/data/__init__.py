@@ -35,7 +35,8 @@ The package, by seam:
 - :mod:`.collect`    gathering images into splits; the class rules shared by every format
 - :mod:`.splits`     the seeded, stratified validation split and subsets
 - :mod:`.cache`      prepare_dataset, the manifest, load_prepared: the content-addressed cache
-- :mod:`.augment`    normalize, Augment, iterate_batches, the CIFAR-10 mean/std
+- :mod:`.augment`    normalize, Augment, iterate_batches, the CIFAR-10 mean/std (legacy model folders only)
+- :mod:`.stats`      the training split's per-channel pixel mean/std (recorded in the manifest)
 - :mod:`.progress`   progress bar / log lines while decoding
 """
 
@@ -56,6 +57,7 @@ from .common import (
 )
 from .decode import DEFAULT_MAX_IMAGE_SIDE
 from .sources import resolve_source
+from .stats import PixelStats, channel_stats, stats_from_manifest
 
 __all__ = [
     "CIFAR10_CLASSES",
@@ -66,11 +68,14 @@ __all__ = [
     "SPLITS",
     "Augment",
     "DataError",
+    "PixelStats",
     "PreparedData",
+    "channel_stats",
     "iterate_batches",
     "load_prepared",
     "normalize",
     "prepare_dataset",
     "read_manifest",
     "resolve_source",
+    "stats_from_manifest",
 ]

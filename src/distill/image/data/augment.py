@@ -1,6 +1,9 @@
 """Turning prepared uint8 batches into model input: normalisation, batched augmentation, mini-batches.
 
-Everything here runs on whatever device the batch lives on.
+Everything here runs on whatever device the batch lives on. The mean/std are always given: a model normalises
+with the pixel statistics of the training split it was trained on (the prepared manifest's ``normalization``,
+recorded again in the model's config.json). ``CIFAR10_MEAN``/``CIFAR10_STD`` remain for model folders written
+before those statistics were recorded (they were trained with these constants).
 """
 
 from __future__ import annotations
@@ -30,12 +33,15 @@ def _affine(mean, std, channels: int, device: torch.device) -> tuple[torch.Tenso
         s = torch.tensor(std, dtype=torch.float64)
         scale = (1.0 / (255.0 * s)).to(torch.float32).view(-1, 1, 1).to(device)
         shift = (-m / s).to(torch.float32).view(-1, 1, 1).to(device)
+        if len(_AFFINE_CACHE) >= 64:  # one entry per (data set statistics, device): keep it small
+            _AFFINE_CACHE.clear()
         hit = _AFFINE_CACHE[key] = (scale, shift)
     return hit
 
 
-def normalize(x_uint8: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
-    """uint8 [..., C, H, W] -> float32 (x/255 - mean)/std on the same device."""
+def normalize(x_uint8: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 [..., C, H, W] -> float32 (x/255 - mean)/std on the same device; ``mean``/``std`` per channel, of
+    pixel values in [0, 1] (e.g. ``normalize(x, *stats)`` with a :class:`~.stats.PixelStats`)."""
     if x_uint8.dtype != torch.uint8:
         raise ValueError(f"normalize expects uint8 images, got {x_uint8.dtype}")
     scale, shift = _affine(mean, std, x_uint8.shape[-3], x_uint8.device)
@@ -52,7 +58,7 @@ class Augment:
     state only.
     """
 
-    def __init__(self, mean=CIFAR10_MEAN, std=CIFAR10_STD, pad: int = 4, flip: bool = True):
+    def __init__(self, mean, std, pad: int = 4, flip: bool = True):
         if pad < 0:
             raise ValueError(f"pad must be >= 0, got {pad}")
         self.mean = tuple(float(m) for m in mean)

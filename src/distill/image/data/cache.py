@@ -1,9 +1,10 @@
 """The content-addressed cache of prepared data: ``prepare_dataset`` writes it, ``load_prepared`` reads it.
 
 A prepared folder ``cache_dir/<key16>/`` holds ``{train,val,test}_{x,y}.npy`` (uint8 [N,3,H,W] images, int64
-labels) and ``manifest.json``, which records the parameters, the classes, the counts and a sha256 for every
-array. The key is the sha256 of the parameters (source content fingerprint, val_size, split_seed, subsets,
-``FORMAT_VERSION``); a folder appears atomically (a temporary folder is renamed) and a broken one is rebuilt.
+labels) and ``manifest.json``, which records the parameters, the classes, the counts, the training split's
+per-channel pixel mean/std (``normalization``, see :mod:`.stats`) and a sha256 for every array. The key is the
+sha256 of the parameters (source content fingerprint, val_size, split_seed, subsets, ``FORMAT_VERSION``); a folder
+appears atomically (a temporary folder is renamed) and a broken one is rebuilt.
 Arrays are read with ``np.load(allow_pickle=False)``: never pickle.
 """
 
@@ -28,6 +29,7 @@ from .common import ARRAY_FILES, FORMAT_VERSION, MANIFEST_NAME, SPLITS, DataErro
 from .decode import DEFAULT_MAX_IMAGE_SIDE
 from .sources import decode_source, detect_source, fingerprint, resolve_source
 from .splits import make_splits
+from .stats import channel_stats, stats_from_manifest
 
 __all__ = ["PreparedData", "load_prepared", "prepare_dataset", "read_manifest"]
 
@@ -123,6 +125,7 @@ def _try_cache_hit(final: Path, params: dict) -> PreparedData | None:
         for k, v in params.items():
             if manifest.get(k) != v:
                 raise DataError(f"{final / MANIFEST_NAME}: {k}={manifest.get(k)!r}, expected {v!r}")
+        stats_from_manifest(manifest, str(final / MANIFEST_NAME))
         _verify_files(final, manifest)
     except DataError as e:
         log.warning("ignoring broken data cache %s: %s", final, e)
@@ -161,6 +164,8 @@ def _write_folder(tmp: Path, out: dict, manifest_head: dict, classes: list[str])
                 "per_class": np.bincount(out[s][1], minlength=len(classes)).tolist()}
             for s in SPLITS
         },
+        # what models trained on this folder normalise with: the training split's own pixel statistics
+        "normalization": {"split": "train", **channel_stats(out["train"][0]).to_json()},
         "files": files,
     }
     data = manifest_bytes(manifest)

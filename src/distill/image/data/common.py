@@ -24,7 +24,8 @@ __all__ = [
 ]
 
 #: Bump whenever the cache layout or the split algorithm changes: it is part of the cache key.
-FORMAT_VERSION = 1
+#: 2: the manifest records the training split's pixel statistics (``normalization``).
+FORMAT_VERSION = 2
 
 ENV_SOURCE = "DISTILL_CIFAR10"
 TORCHVISION_SOURCE = "torchvision"

@@ -1,0 +1,360 @@
+"""The pipeline every distillation kind shares: prepare data -> teacher (reused when its key matches) -> the
+kind's init stage (e.g. a pruned teacher; optional) -> baseline, student and sweep as a pool of stages ->
+speed measured alone -> MLflow registration and promotion gate on the kind's selection metric -> report.
+
+A kind plugs in through :class:`distill.kinds.Kind` only; ``flows/cifar.py`` and ``flows/lm.py`` are the
+Prefect flows (names, parameters, deployments) that call :func:`run_pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import unquote
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.deployments import run_deployment
+from prefect.runtime import flow_run
+
+from distill.files import sha256_json
+from distill.kinds import Kind, Member, get_kind
+from tasks.lab import (
+    INTEGRITY_MARKERS, TrainJob, git_commit, measure_speed, not_integrity_error, prefect_run_alive, prepare_data,
+    stage_key, stage_result, work_dir,
+)
+from tasks.registry import register_models
+from tasks.report import build_report
+from tasks.secrets import redact, redact_text, strip_userinfo
+from tasks.storage import IntegrityError, open_store
+from tasks.tracking import Tracker, flatten_params
+
+from .params import PipelineBase, resolve_store_url, resolve_tracking_uri
+from .train import distill_train
+
+REGISTERED_ROLES = ("teacher", "baseline", "student")
+INIT_NAME = "student-init"
+
+
+@task(name="run-training", retries=1, retry_delay_seconds=5, retry_condition_fn=not_integrity_error)
+def run_training(job: TrainJob, train_pool: Optional[str]) -> dict:
+    """Run one training stage in-process, or on ``train_pool`` through the ``distill-train/<pool>`` deployment.
+    A retry (or a later flow run) uses the same content-addressed stage prefix, so it resumes from the newest
+    verified checkpoint; an integrity failure is not retried."""
+    if not train_pool:
+        return distill_train(job)
+    fr = run_deployment(
+        f"distill-train/{train_pool}", parameters={"job": job.model_dump(mode="json")},
+        flow_run_name=job.name, timeout=None, poll_interval=2, tags=["distill", job.kind, job.role],
+    )
+    if not fr.state or not fr.state.is_completed():
+        message = (fr.state.message or "") if fr.state else ""
+        text = (f"training stage {job.name} on pool {train_pool!r} ended {fr.state.name if fr.state else 'without state'}"
+                f" (flow run {fr.id}): {redact_text(message)}")
+        if any(marker in message for marker in INTEGRITY_MARKERS):
+            raise IntegrityError(text)
+        raise RuntimeError(text)
+    return open_store(job.store_url).get_json(f"{job.out_prefix}/result.json")
+
+
+def run_pool(jobs: list[TrainJob], pool: Optional[str], max_parallel: int, poll_s: float = 0.5) -> dict[str, dict]:
+    """Run ``jobs`` with at most ``max_parallel`` at a time, starting the next one as soon as any finishes (a
+    slow stage does not idle the others). Returns {job name: result}; the first failure is raised once the
+    running stages have ended."""
+    pending = list(jobs)
+    running: dict[str, Any] = {}
+    done: dict[str, dict] = {}
+    failure: Optional[BaseException] = None
+    while pending or running:
+        while pending and len(running) < max_parallel and failure is None:
+            j = pending.pop(0)
+            running[j.name] = run_training.with_options(task_run_name=f"train-{j.name}").submit(j, pool)
+        if not running:
+            break
+        finished = [name for name, f in running.items() if f.state.is_final()]
+        if not finished:
+            time.sleep(poll_s)
+            continue
+        for name in finished:
+            f = running.pop(name)
+            try:
+                done[name] = f.result()
+            except BaseException as e:  # noqa: BLE001 - let the running stages end, then raise
+                failure = failure or e
+    if failure is not None:
+        raise failure
+    return done
+
+
+class _Run:
+    """What one flow run knows: the kind, its config, the store, the tracker and the ids that tag everything."""
+
+    def __init__(self, kind: Kind, params: PipelineBase, cfg: Any):
+        self.kind, self.params, self.cfg = kind, params, cfg
+        self.lab = cfg.model_dump(mode="json")
+        self.run_id = str(flow_run.id or "local")
+        self.store_url = resolve_store_url(params.store_url)
+        self.store = open_store(self.store_url)
+        self.tracker = Tracker(resolve_tracking_uri(params.tracking_uri), params.experiment)
+        self.salt = self.run_id if params.fresh else None
+        self.commit = git_commit()
+        self.notes: list[str] = []
+        self.parent: Optional[str] = None
+        self.log = get_run_logger()
+
+    def job(self, role: str, name: str, data: dict, *, kd: Optional[dict] = None, teacher: Optional[dict] = None,
+            init: Optional[dict] = None, speed: bool = False) -> TrainJob:
+        key = stage_key(self.kind, role, self.cfg, data_manifest_sha256=data["manifest_sha256"], kd=kd,
+                        teacher_weights_sha256=teacher["weights_sha256"] if teacher else None,
+                        init_weights_sha256=init["weights_sha256"] if init else None, salt=self.salt)
+        return TrainJob(
+            kind=self.kind.name, role=role, name=name, lab=self.lab, kd=kd, data_key=data["data_key"],
+            out_prefix=f"stages/{key}", teacher_prefix=teacher["model_prefix"] if teacher else None,
+            init_prefix=init["model_prefix"] if init else None, store_url=self.store_url,
+            tracking_uri=self.tracker.tracking_uri, experiment=self.params.experiment, parent_run_id=self.parent,
+            speed=speed, tags={"prefect_flow_run_id": self.run_id, "git_commit": self.commit,
+                               "data_manifest_sha256": data["manifest_sha256"]},
+        )
+
+    def single(self, job: TrainJob, what: str) -> dict:
+        """One stage, reused when a completed stage with the same key verifies in the store."""
+        found = stage_result(self.store, job.out_prefix)
+        if found is not None:
+            found["reused"] = True
+            msg = (f"{what} reused from {self.store.uri(job.out_prefix)} (trained by flow run "
+                   f"{found.get('executed_by', {}).get('flow_run_id') or '?'})")
+            self.log.info(msg)
+            self.notes.append(msg)
+            return found
+        self.notes.append(f"{what} made in this run ({self.store.uri(job.out_prefix)})")
+        return run_pool([job], self.params.train_pool, 1)[job.name]
+
+
+def run_pipeline(kind_name: str, params: PipelineBase) -> dict:
+    """The body of every kind's flow."""
+    kind = get_kind(kind_name)
+    cfg = params.lab()  # validated before any compute
+    r = _Run(kind, params, cfg)
+    work_key = sha256_json({"kind": kind.name, "lab": r.lab, "experiment": params.experiment, "salt": r.salt})[:24]
+    killed = r.tracker.end_dead_runs("distill.work_key", work_key, is_alive=prefect_run_alive)
+    for dead_parent in list(killed):  # their stage runs too, unless a live worker still owns one
+        killed += r.tracker.end_dead_runs("mlflow.parentRunId", dead_parent, is_alive=prefect_run_alive)
+    if killed:
+        r.log.info("marked %d MLflow run(s) of dead earlier attempts at this work KILLED", len(killed))
+    profile = getattr(cfg, "profile", params.profile)
+    r.parent = r.tracker.start_parent(
+        f"{profile}-{flow_run.name or r.run_id[:8]}",
+        {"kind": kind.name, "profile": profile, "train_pool": params.train_pool or "in-process", **flatten_params(r.lab)},
+        {"prefect_flow_run_id": r.run_id, "git_commit": r.commit, "profile": profile, "distill.kind": kind.name,
+         "distill.work_key": work_key, "distill.owner.flow_run_id": r.run_id},
+        reuse_tag="prefect_flow_run_id",
+    )
+    with r.tracker.run_scope(r.parent):
+        return _stages(r)
+
+
+def _stages(r: _Run) -> dict:
+    kind, params = r.kind, r.params
+    data = prepare_data(kind.name, r.lab, r.store_url)
+    problems = kind.batch_errors(r.cfg, data["n_train"])
+    if problems:  # a config error, before any stage is dispatched
+        raise ValueError("; ".join(problems))
+
+    # --- teacher, then the kind's init stage: reused when a completed stage with the same key verifies --------
+    tjob = r.job("teacher", "teacher", data)
+    teacher = r.single(tjob, "teacher")
+    tkey = tjob.out_prefix.split("/", 1)[1]
+    r.tracker.set_tags(r.parent, {"teacher_reused": str(bool(teacher.get("reused"))).lower(), "teacher_key": tkey})
+    results: dict[str, dict] = {"teacher": {**teacher, "name": "teacher", "role": "teacher"}}
+    init = None
+    if kind.has_init:
+        init = r.single(r.job("init", INIT_NAME, data, teacher=teacher), "student init")
+        results[INIT_NAME] = {**init, "name": INIT_NAME, "role": "init"}
+
+    # --- baseline, students and sweep as one pool, each keyed by its own work ---------------------------------
+    members: list[Member] = kind.plan(r.cfg)
+    jobs = {m.name: r.job(m.role, m.name, data, kd=m.kd, teacher=teacher, init=init) for m in members}
+    reused = {n: res for n, j in jobs.items() if (res := stage_result(r.store, j.out_prefix)) is not None}
+    todo = [j for n, j in jobs.items() if n not in reused]
+    done = run_pool(todo, params.train_pool, params.max_parallel) if todo else {}
+    for m in members:
+        res = reused.get(m.name) or done[m.name]
+        # reused: found complete here, or by the stage itself (another run completed it meanwhile)
+        results[m.name] = {**res, "name": m.name, "role": m.role, "main": m.main, "sweep": m.sweep,
+                           "reused": m.name in reused or bool(res.get("reused"))}
+    if reused:
+        r.notes.append(f"completed earlier with the same data, config and code, reused: {', '.join(sorted(reused))}")
+    for name, res in results.items():
+        res.setdefault("history", _history(r.store, res))
+        if res.get("reused"):
+            _adopt_reused(r.tracker, r.parent, name, res, r.run_id)
+    _speed_pass(r, data, results)
+    return _finish(r, data, tkey, results)
+
+
+def _speed_pass(r: _Run, data: dict, results: dict[str, dict]) -> None:
+    """Latency and throughput of every model, one model at a time after all training ended: in-process stages
+    share this machine's cores, so measuring inside a stage would time it against the other trainings."""
+    if r.params.train_pool:
+        r.notes.append("speed measured in this flow's process after all stages finished (not on the training pool's "
+                       "hardware)")
+    for name, res in results.items():
+        try:
+            s = measure_speed.with_options(task_run_name=f"speed-{name}")(r.kind.name, r.lab, r.store_url,
+                                                                          data["data_key"], res["model_prefix"])
+        except Exception as e:  # noqa: BLE001 - speed is a column, not a result: say so and go on
+            r.log.warning("could not measure the speed of %s: %s", name, redact_text(str(e)))
+            continue
+        res["test"] = {**res.get("test", {}), **s, "speed_measured": "alone"}
+        if res.get("mlflow_run_id") and not res.get("reused"):
+            r.tracker.log_metrics(res["mlflow_run_id"], {k: v for k, v in s.items() if isinstance(v, (int, float))})
+
+
+def _main_student(results: dict[str, dict]) -> str:
+    return next((n for n, res in results.items() if res.get("main")), "student")
+
+
+def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
+    kind, params, tracker = r.kind, r.params, r.tracker
+    tm = kind.test_metric
+    sizes = {name: res["test"].get("n_images", res["test"].get("n_tokens")) for name, res in results.items()}
+    if len(set(sizes.values())) != 1:  # every model was evaluated on the same held-out split
+        raise RuntimeError(f"models were evaluated on different test splits: {sizes}")
+    base = results["baseline"]["test"].get(tm.key)
+    for res in results.values():
+        if res["role"] == "student" and base is not None and res.get("mlflow_run_id") and not res.get("reused"):
+            tracker.log_metrics(res["mlflow_run_id"], {"kd_gain": tm.gain(res["test"][tm.key], base)})
+
+    student = _main_student(results)
+    registration = None
+    if params.register_models:
+        registration = register_models(
+            kind.name, {"teacher": results["teacher"], "baseline": results["baseline"], "student": results[student]},
+            store_url=r.store_url, tracking_uri=tracker.tracking_uri, experiment=params.experiment,
+            data_key=data["data_key"],
+            lineage={"data_manifest_sha256": data["manifest_sha256"], "prefect_flow_run_id": r.run_id,
+                     "git_commit": r.commit, "teacher_key": tkey},
+            margin=r.cfg.promotion_margin,
+        )
+    report = publish_report(kind.name, results, registration, r.notes, r.store_url, r.run_id, tracker.tracking_uri,
+                            params.experiment, r.parent)
+    tracker.log_metrics(r.parent, {
+        f"teacher_{tm.key}": results["teacher"]["test"][tm.key],
+        f"baseline_{tm.key}": results["baseline"]["test"][tm.key],
+        f"student_{tm.key}": results[student]["test"][tm.key],
+        "kd_gain": tm.gain(results[student]["test"][tm.key], results["baseline"]["test"][tm.key]),
+    })
+    keep = ("test", "model_prefix", "mlflow_run_id", "executed_by", "reused", "stage_key", "resumed_from_epoch",
+            "resumed_from_step", kind.selection.key)
+    summary = redact({
+        "kind": kind.name,
+        "flow_run_id": r.run_id,
+        "mlflow_parent_run_id": r.parent,
+        "experiment": params.experiment,
+        "tracking_uri": tracker.tracking_uri,
+        "store_url": r.store_url,
+        "data": data,
+        "teacher_reused": bool(results["teacher"].get("reused")),
+        "teacher_key": tkey,
+        "results": {k: {kk: _jsonable(v[kk]) for kk in keep if kk in v} for k, v in results.items()},
+        "registration": registration,
+        "report": report,
+    })
+    r.store.put_json(summary, f"runs/{r.run_id}/summary.json")
+    print(report["table"])
+    return summary
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: x for k, x in v.items() if k != "samples"}
+    return v
+
+
+def _adopt_reused(tracker: Tracker, parent: str, name: str, r: dict, run_id: str) -> None:
+    """A reused stage gets a nested run under this flow run's parent (FINISHED at once) carrying its history and
+    test metrics and a tag naming the run that trained it, so this run's comparison and registration are whole
+    even when the original run lives in another experiment or on another tracking server."""
+    original = r.get("mlflow_run_id")
+    tags = {"distill.stage_key": r.get("stage_key") or r.get("out_prefix") or "", "distill.role": r["role"],
+            "distill.stage": name, "distill.reused": "true", "distill.reused_from_run": original or "",
+            "prefect_flow_run_id": run_id}
+    child = tracker.start_child(parent, name, {"role": r["role"], "stage": name}, tags)
+    with tracker.run_scope(child):
+        for row in r.get("history") or []:
+            step = row.get("epoch", row.get("step"))
+            if step is not None:
+                tracker.log_metrics(child, {k: v for k, v in row.items() if k not in ("epoch", "step")
+                                            and isinstance(v, (int, float))}, step=int(step))
+        tracker.log_metrics(child, {k: v for k, v in r.get("test", {}).items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    tracker.set_tags(parent, {f"distill.reused.{name}": original or ""})
+    # registration stays keyed on the run that trained the model when it is in this experiment, so a reused
+    # model is not registered again as a new version
+    r["adopted_run_id"] = child
+    r["mlflow_run_id"] = original if original and _in_experiment(tracker, original) else child
+
+
+def _in_experiment(tracker: Tracker, run_id: str) -> bool:
+    try:
+        return tracker.client.get_run(run_id).info.experiment_id == tracker.experiment_id
+    except Exception:  # noqa: BLE001 - deleted, or another server
+        return False
+
+
+def _history(store, r: dict) -> list:
+    try:
+        return json.loads(store.get_dir_file(r["model_prefix"], "history.json"))
+    except Exception:  # noqa: BLE001 - the curves are a convenience of the report
+        return []
+
+
+@task(name="publish-report")
+def publish_report(kind_name, results, registration, notes, store_url, run_id, tracking_uri, experiment,
+                   parent_run_id) -> dict:
+    kind = get_kind(kind_name)
+    out_dir = work_dir() / "runs" / run_id / "report"
+    rep = build_report(kind, results, (registration or {}).get("promotion"), notes, out_dir)
+    store = open_store(store_url)
+    store.put_dir(out_dir, f"runs/{run_id}/report")
+    try:
+        create_markdown_artifact(rep["markdown"], key=f"{kind.flow}-report",
+                                 description="teacher vs baseline vs students")
+        create_table_artifact(rep["rows"], key=f"{kind.flow}-table")
+    except Exception as e:  # artifacts are a convenience; the report is in the store and MLflow regardless
+        get_run_logger().warning("could not create Prefect artifacts: %s", e)
+    tracker = Tracker(tracking_uri, experiment)
+    tracker.log_artifacts(parent_run_id, out_dir, "report")
+    return {"table": rep["table"], "uri": store.uri(f"runs/{run_id}/report"), "files": rep["files"]}
+
+
+def run_local(flow_fn, params: PipelineBase) -> dict:
+    """``distill run <kind>``: the flow in-process (embedded default). Without PREFECT_API_URL a Prefect server
+    is started for the run and dies with this process, even on SIGKILL (flows/embedded.py)."""
+    from .embedded import embedded_prefect_server
+    from .params import project_home
+
+    prefect_home = Path(os.environ.get("PREFECT_HOME") or project_home() / "prefect")
+    with embedded_prefect_server(prefect_home):
+        summary = flow_fn(params)
+    uri = summary["tracking_uri"]
+    print()
+    print(f"MLflow runs: experiment {summary['experiment']!r}, parent run {summary['mlflow_parent_run_id']}")
+    print(f"Open the MLflow UI on these runs:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+    print(f"Report: {summary['report']['uri']}")
+    return summary
+
+
+def move_tracking_credentials(tracking_uri: Optional[str]) -> Optional[str]:
+    """Credentials in a tracking URI go to MLflow's variables, so no copy of them is stored with the run."""
+    if not tracking_uri:
+        return tracking_uri
+    tracking_uri, user, password = strip_userinfo(tracking_uri)
+    if user:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(user))
+    if password:
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(password))
+    return tracking_uri
