@@ -61,6 +61,7 @@ except ImportError:  # a checkout without `pip install -e .`: use ./src
     sys.path.insert(0, str(ROOT / "src"))
 
 import torch
+from _common import fmt, write_json
 
 RESULT_TAG = "BENCH_LM_RESULT "
 SMOLLM2_VOCAB = 49152
@@ -485,20 +486,6 @@ def worker_main(spec_path: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------ parent
-
-
-def write_json(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-
-
-def fmt(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
 def gib(b: float) -> str:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
-import json
 import os
 import platform
 import statistics
@@ -42,6 +41,7 @@ except ImportError:  # running from a checkout without `pip install -e .`: use .
 import numpy as np
 import torch
 import torchvision
+from _common import fmt, write_json
 
 from distill.image.config import KDConfig, TrainConfig
 from distill.image.losses import get_loss
@@ -200,20 +200,6 @@ def run_ours(stage, model, teacher, data, a, mode: str, rep: int) -> dict:
         "runtime": res.runtime,
         "dynamo": {k: after[k] - before.get(k, 0) for k in after},
     }
-
-
-def write_json(path: str | None, obj: dict) -> None:
-    if not path:
-        return
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, p)
-
-
-def fmt(x: float) -> str:
-    return f"{x:,.0f}" if x >= 100 else f"{x:,.1f}"
 
 
 def main(argv=None) -> dict:

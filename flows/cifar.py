@@ -14,7 +14,7 @@ from typing import Optional
 from prefect import flow
 
 from .params import PipelineParams
-from .pipeline import move_tracking_credentials, run_pipeline
+from .pipeline import run_pipeline
 from .pipeline import run_local as _run_local
 
 Params = PipelineParams
@@ -29,7 +29,5 @@ def run_local(profile: str = "smoke", overrides: Optional[dict] = None, train_po
               store_url: Optional[str] = None, tracking_uri: Optional[str] = None, fresh: bool = False,
               register_models: bool = True) -> dict:
     """Entry point of ``distill run cifar``: the flow in-process (embedded default)."""
-    tracking_uri = move_tracking_credentials(tracking_uri)
-    params = PipelineParams(profile=profile, overrides=overrides or {}, train_pool=train_pool,
-                            store_url=store_url, tracking_uri=tracking_uri, fresh=fresh, register_models=register_models)
-    return _run_local(distill_cifar, params)
+    return _run_local(distill_cifar, PipelineParams, profile=profile, overrides=overrides, train_pool=train_pool,
+                      store_url=store_url, tracking_uri=tracking_uri, fresh=fresh, register_models=register_models)

@@ -16,7 +16,7 @@ from typing import Optional
 from prefect import flow
 
 from .params import params_model
-from .pipeline import move_tracking_credentials, run_pipeline
+from .pipeline import run_pipeline
 from .pipeline import run_local as _run_local
 
 LMPipelineParams = params_model("lm")
@@ -32,8 +32,5 @@ def run_local(profile: str = "smoke", overrides: Optional[dict] = None, train_po
               store_url: Optional[str] = None, tracking_uri: Optional[str] = None, fresh: bool = False,
               register_models: bool = True) -> dict:
     """Entry point of ``distill run lm``: the flow in-process (embedded default)."""
-    tracking_uri = move_tracking_credentials(tracking_uri)
-    params = LMPipelineParams(profile=profile, overrides=overrides or {}, train_pool=train_pool,
-                              store_url=store_url, tracking_uri=tracking_uri, fresh=fresh,
-                              register_models=register_models)
-    return _run_local(distill_lm, params)
+    return _run_local(distill_lm, LMPipelineParams, profile=profile, overrides=overrides, train_pool=train_pool,
+                      store_url=store_url, tracking_uri=tracking_uri, fresh=fresh, register_models=register_models)

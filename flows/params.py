@@ -1,8 +1,9 @@
 """Flow parameters: one pydantic model, so the Prefect UI renders a form and a bad value fails early.
 
-``LabOverrides`` is LabConfig with every field optional (recursively) and the same constraints, so the
-Prefect server's schema check rejects e.g. ``kd.temperature = 0`` at submission, naming the field; the
-flow then validates the merged LabConfig before any compute.
+``params_model(kind)`` builds each kind's flow parameters: its ``overrides`` are the kind's config with every
+field optional (recursively, :func:`partial_model`) and the same constraints, so the Prefect server's schema
+check rejects e.g. ``kd.temperature = 0`` at submission, naming the field; the flow then validates the merged
+config before any compute.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pydantic.fields import FieldInfo
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from distill import home
-from distill.image.config import LabConfig
 from distill.kinds import get_kind
 
 # The experiment name is also the prefix of the registered models (<experiment>-teacher|baseline|student)
@@ -113,9 +113,6 @@ def partial_model(model: type[BaseModel]) -> type[BaseModel]:
     part = create_model(f"{model.__name__}Overrides", __config__=config, **fields)
     _PARTIALS[model] = part
     return part
-
-
-LabOverrides = partial_model(LabConfig)  # the image kind's; params_model(kind) builds each kind's own
 
 
 def _drop_none(d: Any) -> Any:

@@ -21,7 +21,7 @@ from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
 
 from distill.files import sha256_json
-from distill.kinds import Kind, Member, get_kind
+from distill.kinds import INIT_NAME, Kind, Member, get_kind
 from tasks.lab import (
     INTEGRITY_MARKERS, TrainJob, git_commit, measure_speed, not_integrity_error, prefect_run_alive, prepare_data,
     stage_key, stage_result, work_dir,
@@ -35,8 +35,6 @@ from tasks.tracking import Tracker, flatten_params
 from .params import PipelineBase, resolve_store_url, resolve_tracking_uri
 from .train import distill_train
 
-REGISTERED_ROLES = ("teacher", "baseline", "student")
-INIT_NAME = "student-init"
 
 
 @task(name="run-training", retries=1, retry_delay_seconds=5, retry_condition_fn=not_integrity_error)
@@ -331,12 +329,15 @@ def publish_report(kind_name, results, registration, notes, store_url, run_id, t
     return {"table": rep["table"], "uri": store.uri(f"runs/{run_id}/report"), "files": rep["files"]}
 
 
-def run_local(flow_fn, params: PipelineBase) -> dict:
-    """``distill run <kind>``: the flow in-process (embedded default). Without PREFECT_API_URL a Prefect server
-    is started for the run and dies with this process, even on SIGKILL (flows/embedded.py)."""
+def run_local(flow_fn, params_model: type[PipelineBase], *, tracking_uri: Optional[str] = None,
+              overrides: Optional[dict] = None, **fields: Any) -> dict:
+    """``distill run <kind>``: the flow in-process (embedded default). Credentials in the tracking URI are moved
+    to MLflow's variables first, so no copy of them is stored. Without PREFECT_API_URL a Prefect server is
+    started for the run and dies with this process, even on SIGKILL (flows/embedded.py)."""
     from .embedded import embedded_prefect_server
     from .params import project_home
 
+    params = params_model(tracking_uri=move_tracking_credentials(tracking_uri), overrides=overrides or {}, **fields)
     prefect_home = Path(os.environ.get("PREFECT_HOME") or project_home() / "prefect")
     with embedded_prefect_server(prefect_home):
         summary = flow_fn(params)

@@ -57,7 +57,7 @@ def register_models(
     kind = get_kind(kind_name)
     store = open_store(store_url)
     tracker = Tracker(tracking_uri, experiment)
-    data_dir = fetch_dir(store, data_key, "data")
+    data_dir = None  # fetched (and verified) only for a kind whose registration needs an input example
     versions: dict[str, dict] = {}
     for role in ROLES:
         r = results[role]
@@ -67,6 +67,7 @@ def register_models(
         if kind.extras.get("model_format") == "hf":
             v = tracker.log_model_folder(r["mlflow_run_id"], model_dir, name, tags)
         else:
+            data_dir = data_dir or fetch_dir(store, data_key, "data")
             example = kind.extras["input_example"](model_dir, data_dir)
             v = tracker.log_model(r["mlflow_run_id"], kind.load_model(model_dir), example, name, tags)
         versions[role] = v

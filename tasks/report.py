@@ -9,11 +9,7 @@ from typing import Any
 
 from distill.kinds import Kind, comparison_rows, markdown_table
 
-__all__ = ["build_report", "rows_for", "sweep_points"]
-
-
-def rows_for(kind: Kind, results: dict[str, dict]) -> list[dict]:
-    return comparison_rows(kind, results)
+__all__ = ["build_report", "sweep_points"]
 
 
 def sweep_points(kind: Kind, results: dict[str, dict]) -> list[dict]:
@@ -139,7 +135,7 @@ def _one_line(s: str) -> str:
 
 def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, notes: list[str], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = rows_for(kind, results)
+    rows = comparison_rows(kind, results)
     table = markdown_table(kind.columns, rows)
     tm = kind.test_metric
     baseline = results.get("baseline", {}).get("test", {}).get(tm.key)

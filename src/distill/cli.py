@@ -146,25 +146,22 @@ def _print(obj) -> None:
 def run_lab(kind, cfg, out: Path) -> dict:
     """The kind's stages, in-process, with no orchestration: prepare, teacher, init (if the kind has one),
     baseline and the main student, then evaluation of each on the held-out split; prints the table."""
-    from .kinds import comparison_rows, markdown_table
+    from .kinds import INIT_NAME, comparison_rows, markdown_table
 
     prep = kind.prepare(cfg, progress=True)
     data_dir = prep["dir"]
     t_dir = out / "teacher"
-    trained = {"teacher": kind.train("teacher", cfg, data_dir, t_dir)}
+    results = {"teacher": {**kind.train("teacher", cfg, data_dir, t_dir), "role": "teacher"}}
     init_dir = None
     if kind.has_init:
-        init_dir = out / "student-init"
-        trained["student-init"] = kind.train("init", cfg, data_dir, init_dir, teacher_dir=t_dir)
-    members = [m for m in kind.plan(cfg) if m.role == "baseline" or m.main]
-    for m in members:
-        trained[m.name] = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=t_dir, init_dir=init_dir, kd=m.kd)
-    results = {}
-    for name, res in trained.items():
-        role = "init" if name == "student-init" else ("teacher" if name == "teacher" else
-                                                       next(m.role for m in members if m.name == name))
-        test = kind.evaluate(out / name, data_dir, cfg, teacher_dir=None if name == "teacher" else t_dir)
-        results[name] = {**res, "role": role, "test": test}
+        init_dir = out / INIT_NAME
+        results[INIT_NAME] = {**kind.train("init", cfg, data_dir, init_dir, teacher_dir=t_dir), "role": "init"}
+    for m in kind.plan(cfg):
+        if m.role == "baseline" or m.main:
+            res = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=t_dir, init_dir=init_dir, kd=m.kd)
+            results[m.name] = {**res, "role": m.role}
+    for name, res in results.items():
+        res["test"] = kind.evaluate(out / name, data_dir, cfg, teacher_dir=None if name == "teacher" else t_dir)
     table = markdown_table(kind.columns, comparison_rows(kind, results))
     (out / "report.md").write_text(table + "\n")
     print(table)

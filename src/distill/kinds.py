@@ -31,7 +31,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Optional
 
-__all__ = ["Column", "Kind", "Member", "Metric", "get_kind", "kind_names", "register_kind"]
+__all__ = ["INIT_NAME", "Column", "Kind", "Member", "Metric", "get_kind", "kind_names", "register_kind"]
+
+#: the stage name of a kind's ``init`` role (the students' shared starting point)
+INIT_NAME = "student-init"
 
 
 @dataclass(frozen=True)
