@@ -167,3 +167,31 @@ def test_init_student_from_config_and_gap_closed(lab):
     assert gap_closed(10.0, 15.0, 20.0) == pytest.approx(0.5)
     assert gap_closed(10.0, 10.0, 10.0) == 1.0 and gap_closed(10.0, 12.0, 10.0) == 0.0
     assert math.isnan(gap_closed(10.0, float("inf"), 20.0))
+
+
+def test_concurrent_loads_give_whole_models(lab):
+    """Pipeline stages load models from several threads of one process at once; every load must be whole (without
+    the loader's lock, every concurrent load of a tied-embedding model left lm_head on the meta device)."""
+    import threading
+
+    from distill.lm.stages import load_lm
+
+    folder = lab["teacher_dir"]
+    ref = load_lm(folder)
+    bad, errors = [], []
+
+    def work():
+        try:
+            for _ in range(3):
+                m = load_lm(folder)
+                if any(t.is_meta for t in m.parameters()) or not torch.equal(m.lm_head.weight, ref.lm_head.weight):
+                    bad.append(1)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and not bad, (errors, len(bad))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
@@ -76,10 +77,21 @@ def load_tokenizer(folder: str | os.PathLike):
     return AutoTokenizer.from_pretrained(str(folder))
 
 
+# transformers' from_pretrained builds a model under process-wide state (the meta-device init context, weight
+# tying): two threads loading at once (pipeline stages running concurrently in one process) left a tied
+# lm_head on the meta device in every load (tests/test_lm_stages.py reproduces it). Loads are serialised.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_lm(folder: str | os.PathLike) -> nn.Module:
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    empty = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if empty:
+        raise ValueError(f"model folder {folder}: {len(empty)} tensor(s) were not loaded (e.g. {empty[0]})")
+    return model.eval()
 
 
 def _identity(tok: Any) -> dict:
