@@ -144,6 +144,10 @@ class PipelineBase(BaseModel):
     fresh: bool = Field(
         False, description="train every stage again, ignoring completed or checkpointed work with the same key"
     )
+    keep_checkpoints: bool = Field(
+        False, description="keep each stage's training checkpoints in the store after it completes (by default "
+        "they are deleted then: they only serve to resume an unfinished stage)"
+    )
 
     def lab(self) -> Any:
         """The kind's validated config: the preset with the overrides merged in."""

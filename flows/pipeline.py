@@ -113,7 +113,7 @@ class _Run:
             out_prefix=f"stages/{key}", teacher_prefix=teacher["model_prefix"] if teacher else None,
             init_prefix=init["model_prefix"] if init else None, store_url=self.store_url,
             tracking_uri=self.tracker.tracking_uri, experiment=self.params.experiment, parent_run_id=self.parent,
-            speed=speed, tags={"prefect_flow_run_id": self.run_id, "git_commit": self.commit,
+            speed=speed, keep_checkpoints=self.params.keep_checkpoints, tags={"prefect_flow_run_id": self.run_id, "git_commit": self.commit,
                                "data_manifest_sha256": data["manifest_sha256"]},
         )
 

@@ -16,7 +16,9 @@ from contextlib import nullcontext
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.lab import STAGE_LOCK_TTL, TrainJob, evaluate_stage, stage_result, start_stage_run, train_stage
+from tasks.lab import (
+    STAGE_LOCK_TTL, TrainJob, drop_checkpoints, evaluate_stage, stage_result, start_stage_run, train_stage,
+)
 from tasks.storage import open_store
 from tasks.tracking import Tracker
 
@@ -47,6 +49,7 @@ def distill_train(job: TrainJob) -> dict:
                                 "worker": os.environ.get("DISTILL_WORKER_NAME")},
             }
             store.put_json(result, f"{job.out_prefix}/result.json")  # last: the stage is complete
+        drop_checkpoints(store, job)
         key = job.kind_and_config()[0].test_metric.key
         print(f"{job.name}: stage done ({job.role}); held-out {key} {metrics.get(key, float('nan')):.4f}")
     return result

@@ -69,6 +69,7 @@ class TrainJob(BaseModel):
     experiment: str = "distill-cifar"
     parent_run_id: Optional[str] = None
     speed: bool = True
+    keep_checkpoints: bool = Field(False, description="keep the training checkpoints once the stage is complete")
     tags: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("kind")
@@ -223,6 +224,19 @@ def stage_result(store: Store, prefix: str) -> Optional[dict]:
         store.delete(key)
         delete_prefix(store, f"{prefix}/model")
         return None
+
+
+def drop_checkpoints(store: Store, job: TrainJob) -> None:
+    """After a stage completed: its training checkpoints only served to resume it, and no run resumes it again
+    (its result is reused by key), so they leave the store and the local stage folder unless the job keeps
+    them. For a language model they are several times the model's size (weights plus optimiser moments).
+    ``LATEST`` goes first, so a reader never sees a pointer to a half-deleted checkpoint."""
+    if job.keep_checkpoints:
+        return
+    root = f"{job.out_prefix}/checkpoints"
+    for key in sorted(store.list(root), key=lambda k: not k.endswith("/LATEST")):
+        store.delete(key)
+    shutil.rmtree(stage_dir(job.out_prefix) / "checkpoints", ignore_errors=True)
 
 
 def _mirror_checkpoints(store: Store, prefix: str):
