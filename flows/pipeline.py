@@ -12,7 +12,7 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 from urllib.parse import unquote
 
 from prefect import get_run_logger, task
@@ -27,7 +27,7 @@ from tasks.lab import (
     stage_key, stage_result, work_dir,
 )
 from tasks.registry import register_models
-from tasks.report import build_report
+from tasks.report import build_report, fetch_sample_files
 from tasks.secrets import redact, redact_text, strip_userinfo
 from tasks.storage import IntegrityError, open_store
 from tasks.tracking import Tracker, flatten_params
@@ -58,33 +58,137 @@ def run_training(job: TrainJob, train_pool: Optional[str]) -> dict:
     return open_store(job.store_url).get_json(f"{job.out_prefix}/result.json")
 
 
-def run_pool(jobs: list[TrainJob], pool: Optional[str], max_parallel: int, poll_s: float = 0.5) -> dict[str, dict]:
-    """Run ``jobs`` with at most ``max_parallel`` at a time, starting the next one as soon as any finishes (a
-    slow stage does not idle the others). Returns {job name: result}; the first failure is raised once the
-    running stages have ended."""
-    pending = list(jobs)
+class Reused(NamedTuple):
+    """What ``build_job`` returns for a member whose stage is already complete (no job to run)."""
+
+    result: dict
+
+
+def member_order(members: Sequence[Member]) -> list[str]:
+    """The member names in an order where each member comes after the member it learns from (``teacher``).
+    Refuses, with a ValueError naming the member, duplicate names, a teacher that is no member of the plan,
+    a member that learns from itself, and cycles."""
+    by_name: dict[str, Member] = {}
+    for m in members:
+        if m.name in by_name:
+            raise ValueError(f"member {m.name!r} appears twice in the plan")
+        by_name[m.name] = m
+    for m in members:
+        if m.teacher is not None and m.teacher not in by_name:
+            raise ValueError(f"member {m.name!r} learns from {m.teacher!r}, which is no member of the plan "
+                             f"(members: {', '.join(by_name)}; teacher=None means the run's teacher)")
+    order: list[str] = []
+    state: dict[str, str] = {}  # visiting / done
+    for m in members:
+        chain: list[str] = []
+        name: Optional[str] = m.name
+        while name is not None and state.get(name) != "done":
+            if state.get(name) == "visiting":
+                cycle = chain[chain.index(name):] + [name]
+                raise ValueError(f"member {name!r} learns from itself through {' -> '.join(cycle)}")
+            state[name] = "visiting"
+            chain.append(name)
+            name = by_name[name].teacher
+        for n in reversed(chain):  # the chain's root first
+            state[n] = "done"
+            order.append(n)
+    return order
+
+
+def schedule_members(members: Sequence[Member], build_job: Callable[[Member, dict[str, dict]], Any],
+                     submit: Callable[[Any], Any], max_parallel: int, *, poll_s: float = 0.5,
+                     sleep: Callable[[float], None] = time.sleep) -> dict[str, dict]:
+    """Run the plan's members as a pool of at most ``max_parallel`` running stages, starting the next one as
+    soon as any finishes (a slow stage does not idle the others). A member whose ``teacher`` is another member
+    is built only once that member has finished (or was reused): ``build_job(member, results so far)`` returns
+    a job, or :class:`Reused` when the stage is already complete (its dependants are then ready at once).
+    ``submit(job)`` starts a job and returns a handle with ``done() -> bool`` and ``result()`` (which raises
+    the stage's error). After a failure nothing new is built or started (so its dependants never start), the
+    running stages end, then the first failure is raised. The graph is checked (:func:`member_order`) before
+    anything runs. Returns {member name: result} in the plan's order."""
+    if max_parallel < 1:
+        raise ValueError(f"max_parallel must be at least 1, got {max_parallel}")
+    member_order(members)
+    index = {m.name: i for i, m in enumerate(members)}
+    unbuilt = list(members)
+    queued: list[tuple[Member, Any]] = []  # built, waiting for a free slot, in the plan's order
     running: dict[str, Any] = {}
     done: dict[str, dict] = {}
     failure: Optional[BaseException] = None
-    while pending or running:
-        while pending and len(running) < max_parallel and failure is None:
-            j = pending.pop(0)
-            running[j.name] = run_training.with_options(task_run_name=f"train-{j.name}").submit(j, pool)
+    while True:
+        if failure is None:
+            try:
+                _build_ready(unbuilt, queued, done, build_job, index)
+                while queued and len(running) < max_parallel:
+                    m, job = queued.pop(0)
+                    running[m.name] = submit(job)
+            except BaseException as e:  # noqa: BLE001 - let the running stages end, then raise
+                failure = e
         if not running:
             break
-        finished = [name for name, f in running.items() if f.state.is_final()]
+        finished = [name for name, h in running.items() if h.done()]
         if not finished:
-            time.sleep(poll_s)
+            sleep(poll_s)
             continue
         for name in finished:
-            f = running.pop(name)
+            handle = running.pop(name)
             try:
-                done[name] = f.result()
+                done[name] = handle.result()
             except BaseException as e:  # noqa: BLE001 - let the running stages end, then raise
                 failure = failure or e
     if failure is not None:
         raise failure
-    return done
+    return {m.name: done[m.name] for m in members}
+
+
+def _build_ready(unbuilt: list[Member], queued: list, done: dict[str, dict], build_job, index: dict) -> None:
+    """Build every member whose teacher is ready, in the plan's order; a reused one counts as done at once (and
+    may make others ready, hence the loop). Built jobs join ``queued``, kept in the plan's order."""
+    progress = True
+    while progress:
+        progress = False
+        for m in list(unbuilt):
+            if m.teacher is not None and m.teacher not in done:
+                continue
+            built = build_job(m, dict(done))
+            unbuilt.remove(m)
+            if isinstance(built, Reused):
+                done[m.name] = built.result
+                progress = True
+            else:
+                queued.append((m, built))
+    queued.sort(key=lambda q: index[q[0].name])
+
+
+class _PrefectStage:
+    """A submitted ``run-training`` task as a handle of :func:`schedule_members`."""
+
+    def __init__(self, future: Any):
+        self.future = future
+
+    def done(self) -> bool:
+        return self.future.state.is_final()
+
+    def result(self) -> dict:
+        return self.future.result()
+
+
+def stage_submitter(pool: Optional[str]) -> Callable[[TrainJob], _PrefectStage]:
+    """``submit`` of :func:`schedule_members`: the job as a ``run-training`` task (in-process or on ``pool``)."""
+
+    def submit(job: TrainJob) -> _PrefectStage:
+        return _PrefectStage(run_training.with_options(task_run_name=f"train-{job.name}").submit(job, pool))
+
+    return submit
+
+
+def run_pool(jobs: list[TrainJob], pool: Optional[str], max_parallel: int, poll_s: float = 0.5) -> dict[str, dict]:
+    """Run independent ``jobs`` with at most ``max_parallel`` at a time (:func:`schedule_members`). Returns
+    {job name: result}; the first failure is raised once the running stages have ended."""
+    by_name = {j.name: j for j in jobs}
+    members = [Member(role=j.role, name=j.name) for j in jobs]
+    return schedule_members(members, lambda m, _done: by_name[m.name], stage_submitter(pool), max_parallel,
+                            poll_s=poll_s)
 
 
 class _Run:
@@ -104,7 +208,9 @@ class _Run:
         self.log = get_run_logger()
 
     def job(self, role: str, name: str, data: dict, *, kd: Optional[dict] = None, teacher: Optional[dict] = None,
-            init: Optional[dict] = None, speed: bool = False) -> TrainJob:
+            init: Optional[dict] = None, speed: bool = False, eval_teacher: Optional[dict] = None) -> TrainJob:
+        """``teacher``: what the stage learns from (keyed on its weights); ``eval_teacher``: what its evaluation
+        compares with when that is another model (the run's teacher, for a member learning from a member)."""
         key = stage_key(self.kind, role, self.cfg, data_manifest_sha256=data["manifest_sha256"], kd=kd,
                         teacher_weights_sha256=teacher["weights_sha256"] if teacher else None,
                         init_weights_sha256=init["weights_sha256"] if init else None, salt=self.salt)
@@ -112,6 +218,7 @@ class _Run:
             kind=self.kind.name, role=role, name=name, lab=self.lab, kd=kd, data_key=data["data_key"],
             out_prefix=f"stages/{key}", teacher_prefix=teacher["model_prefix"] if teacher else None,
             init_prefix=init["model_prefix"] if init else None, store_url=self.store_url,
+            eval_teacher_prefix=eval_teacher["model_prefix"] if eval_teacher else None,
             tracking_uri=self.tracker.tracking_uri, experiment=self.params.experiment, parent_run_id=self.parent,
             speed=speed, keep_checkpoints=self.params.keep_checkpoints, tags={"prefect_flow_run_id": self.run_id, "git_commit": self.commit,
                                "data_manifest_sha256": data["manifest_sha256"]},
@@ -155,7 +262,7 @@ def run_pipeline(kind_name: str, params: PipelineBase) -> dict:
 
 
 def _stages(r: _Run) -> dict:
-    kind, params = r.kind, r.params
+    kind = r.kind
     data = prepare_data(kind.name, r.lab, r.store_url)
     problems = kind.batch_errors(r.cfg, data["n_train"])
     if problems:  # a config error, before any stage is dispatched
@@ -174,15 +281,12 @@ def _stages(r: _Run) -> dict:
 
     # --- baseline, students and sweep as one pool, each keyed by its own work ---------------------------------
     members: list[Member] = kind.plan(r.cfg)
-    jobs = {m.name: r.job(m.role, m.name, data, kd=m.kd, teacher=teacher, init=init) for m in members}
-    reused = {n: res for n, j in jobs.items() if (res := stage_result(r.store, j.out_prefix)) is not None}
-    todo = [j for n, j in jobs.items() if n not in reused]
-    done = run_pool(todo, params.train_pool, params.max_parallel) if todo else {}
+    done, reused = _run_members(r, members, data, teacher, init)
     for m in members:
-        res = reused.get(m.name) or done[m.name]
+        res = done[m.name]
         # reused: found complete here, or by the stage itself (another run completed it meanwhile)
         results[m.name] = {**res, "name": m.name, "role": m.role, "main": m.main, "sweep": m.sweep,
-                           "reused": m.name in reused or bool(res.get("reused"))}
+                           "teacher_name": m.teacher or "teacher", "reused": m.name in reused or bool(res.get("reused"))}
     if reused:
         r.notes.append(f"completed earlier with the same data, config and code, reused: {', '.join(sorted(reused))}")
     for name, res in results.items():
@@ -191,6 +295,26 @@ def _stages(r: _Run) -> dict:
             _adopt_reused(r.tracker, r.parent, name, res, r.run_id)
     _speed_pass(r, data, results)
     return _finish(r, data, tkey, results)
+
+
+def _run_members(r: _Run, members: list[Member], data: dict, teacher: dict,
+                 init: Optional[dict]) -> tuple[dict[str, dict], set[str]]:
+    """Every member of the plan, each keyed by its own work: one that learns from another member is keyed on (and
+    started after) that member's result; a completed stage with the same key is reused. Returns the results
+    and the names found complete before anything ran."""
+    reused: set[str] = set()
+
+    def build(m: Member, so_far: dict[str, dict]) -> Any:
+        job = r.job(m.role, m.name, data, kd=m.kd, teacher=so_far[m.teacher] if m.teacher else teacher, init=init,
+                    eval_teacher=teacher if m.teacher else None)
+        found = stage_result(r.store, job.out_prefix)
+        if found is None:
+            return job
+        reused.add(m.name)
+        return Reused(found)
+
+    done = schedule_members(members, build, stage_submitter(r.params.train_pool), r.params.max_parallel)
+    return done, reused
 
 
 def _speed_pass(r: _Run, data: dict, results: dict[str, dict]) -> None:
@@ -246,7 +370,7 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
         "kd_gain": tm.gain(results[student]["test"][tm.key], results["baseline"]["test"][tm.key]),
     })
     keep = ("test", "model_prefix", "mlflow_run_id", "executed_by", "reused", "stage_key", "resumed_from_epoch",
-            "resumed_from_step", kind.selection.key)
+            "resumed_from_step", "teacher_name", kind.selection.key)
     summary = redact({
         "kind": kind.name,
         "flow_run_id": r.run_id,
@@ -315,8 +439,9 @@ def publish_report(kind_name, results, registration, notes, store_url, run_id, t
                    parent_run_id) -> dict:
     kind = get_kind(kind_name)
     out_dir = work_dir() / "runs" / run_id / "report"
-    rep = build_report(kind, results, (registration or {}).get("promotion"), notes, out_dir)
     store = open_store(store_url)
+    samples = fetch_sample_files(store.get_file, results, out_dir)  # image grids the evaluations wrote
+    rep = build_report(kind, results, (registration or {}).get("promotion"), notes, out_dir, samples=samples)
     store.put_dir(out_dir, f"runs/{run_id}/report")
     try:
         create_markdown_artifact(rep["markdown"], key=f"{kind.flow}-report",

@@ -64,6 +64,9 @@ class TrainJob(BaseModel):
     out_prefix: str = Field(description="content-addressed store prefix of the stage: stages/<key>")
     teacher_prefix: Optional[str] = None
     init_prefix: Optional[str] = Field(None, description="model prefix of the kind's init stage (students' start)")
+    eval_teacher_prefix: Optional[str] = Field(
+        None, description="model prefix the evaluation compares with, when not teacher_prefix (a member that "
+                          "learns from an earlier member is still evaluated against the run's teacher)")
     store_url: str
     tracking_uri: Optional[str] = None
     experiment: str = "distill-cifar"
@@ -82,7 +85,7 @@ class TrainJob(BaseModel):
         kind = get_kind(self.kind)
         return kind, kind.config_model.model_validate(self.lab)
 
-    @field_validator("out_prefix", "data_key", "teacher_prefix", "init_prefix")
+    @field_validator("out_prefix", "data_key", "teacher_prefix", "init_prefix", "eval_teacher_prefix")
     @classmethod
     def _key(cls, v: Optional[str]) -> Optional[str]:
         if v is None:
@@ -124,18 +127,20 @@ def stage_dir(prefix: str) -> Path:
     return contained_path(work_dir(), validate_prefix(prefix).rstrip("/"), follow_links=True)
 
 
-KIND_PACKAGES = {"cifar": "image", "lm": "lm", "diffusion": "diffusion"}
+#: the core packages whose source computes a kind's stages (diffusion reads its images with the image kind's data code)
+KIND_PACKAGES = {"cifar": ("image",), "lm": ("lm",), "diffusion": ("diffusion", "image")}
 
 
 def code_version(kind: str = "cifar") -> str:
     """sha256 of the source that computes a stage of ``kind``: the shared core (``distill/*.py``) and the kind's
-    own package (``distill/<package>/``). Work done by other code is not reused; a change to another kind's
-    code changes nothing here."""
+    packages (``distill/<package>/``). Work done by other code is not reused; a change to a package the kind
+    does not use changes nothing here."""
     h = hashlib.sha256()
     pkg = Path(distill.__file__).parent
     files = sorted(pkg.glob("*.py"))
-    sub = pkg / KIND_PACKAGES.get(kind, kind)
-    files += sorted(sub.rglob("*.py")) if sub.is_dir() else []
+    for name in KIND_PACKAGES.get(kind, (kind,)):
+        sub = pkg / name
+        files += sorted(sub.rglob("*.py")) if sub.is_dir() else []
     for p in files:
         h.update(p.relative_to(pkg).as_posix().encode())
         h.update(p.read_bytes())
@@ -186,13 +191,17 @@ def fetch_dir(store: Store, prefix: str, what: str) -> Path:
 
 
 def upload_model(store: Store, out_dir: Path, prefix: str) -> dict:
-    """Publish the stage's model folder: every file of ``out_dir`` except checkpoints, evaluations and the
-    stage result (weights, config, tokenizer files, metrics, history)."""
+    """Publish the stage's model folder: every file and subfolder of ``out_dir`` except checkpoints, evaluations
+    and the stage result (weights, config, tokenizer files, a diffusers pipeline's unet/ and scheduler/,
+    metrics, history)."""
     with tempfile.TemporaryDirectory() as tmp:
         for p in sorted(out_dir.iterdir()):
-            if p.name in NOT_MODEL_FILES or p.name.startswith(("eval_", ".")) or not p.is_file():
+            if p.name in NOT_MODEL_FILES or p.name == "eval" or p.name.startswith(("eval_", ".")) or p.is_symlink():
                 continue
-            shutil.copy2(p, Path(tmp) / p.name)
+            if p.is_dir():
+                shutil.copytree(p, Path(tmp) / p.name, symlinks=False)
+            elif p.is_file():
+                shutil.copy2(p, Path(tmp) / p.name)
         return store.put_dir(tmp, prefix)
 
 
@@ -364,10 +373,12 @@ def start_stage_run(job: TrainJob, tracker: Tracker, flow_run_id: Optional[str])
 
 
 def log_history(tracker: Tracker, run_id: str, history: list[dict], upto_epoch: int) -> None:
-    """Per-epoch metrics of epochs trained by an earlier attempt (resumed runs), so each run's curves are whole."""
+    """Metrics of the epochs (or optimiser steps) trained by an earlier attempt (resumed runs), so each run's
+    curves are whole."""
     for row in history:
-        if row.get("epoch", 0) <= upto_epoch:
-            tracker.log_metrics(run_id, {k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+        step = row.get("epoch", row.get("step"))
+        if step is not None and step <= upto_epoch:
+            tracker.log_metrics(run_id, {k: v for k, v in row.items() if k not in ("epoch", "step")}, step=int(step))
 
 
 # --- tasks ------------------------------------------------------------------------------------------------
@@ -393,7 +404,10 @@ def prepare_data(kind_name: str, lab: dict, store_url: str) -> dict:
 
 
 def _total_steps(cfg: Any, job: TrainJob) -> int:
-    """Denominator of the progress artifact: epochs (images) or optimiser steps (LMs)."""
+    """Denominator of the progress artifact: epochs (images) or optimiser steps (LMs, diffusion)."""
+    fn = get_kind(job.kind).extras.get("total_steps")
+    if fn is not None:
+        return int(fn(job.role, cfg, job.kd))
     for section in (("teacher_train",) if job.role == "teacher" else ()) + ("student_train", "train"):
         tc = getattr(cfg, section, None)
         if tc is not None:
@@ -410,8 +424,9 @@ def train_stage(job: TrainJob, run_id: Optional[str] = None) -> dict:
     store = open_store(job.store_url)
     kind, cfg = job.kind_and_config()
     data_dir = fetch_dir(store, job.data_key, "data")
-    # students learn from the teacher; the init stage is made from it; the baseline only meets it at evaluation
-    needs_teacher = job.role in ("student", "init")
+    # students learn from the teacher; the init stage is made from it; the baseline only meets it at evaluation,
+    # except for a kind whose baseline is made from the teacher (diffusion: the teacher sampled in fewer steps)
+    needs_teacher = job.role in ("student", "init") or (job.role == "baseline" and kind.extras.get("baseline_needs_teacher"))
     teacher_dir = fetch_dir(store, job.teacher_prefix, "models") if (job.teacher_prefix and needs_teacher) else None
     init_dir = fetch_dir(store, job.init_prefix, "models") if job.init_prefix else None
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -439,22 +454,56 @@ def train_stage(job: TrainJob, run_id: Optional[str] = None) -> dict:
 
 @task(name="evaluate-stage", retries=1, retry_condition_fn=not_integrity_error)
 def evaluate_stage(job: TrainJob, trained: dict) -> dict:
-    """Evaluate on the held-out test split of the same data snapshot (against the teacher when there is one)."""
+    """Evaluate on the held-out test split of the same data snapshot (against the run's teacher when there is
+    one: ``eval_teacher_prefix``, else ``teacher_prefix``). Files the kind's evaluate wrote (``"files": {name: path relative to out_path's folder}``, e.g. image grids)
+    go to the store under ``<out_prefix>/eval/`` and to the stage's MLflow run as artifacts; the returned
+    metrics name them by store key. The kind writes into ``<stage folder>/eval/``, which is never part of the
+    published model folder."""
     store = open_store(job.store_url)
     kind, cfg = job.kind_and_config()
     data_dir = fetch_dir(store, job.data_key, "data")
     model_dir = fetch_dir(store, trained["model_prefix"], "models")
-    teacher_dir = fetch_dir(store, job.teacher_prefix, "models") if job.teacher_prefix else None
-    out = stage_dir(job.out_prefix) / "eval_test.json"
+    against = job.eval_teacher_prefix or job.teacher_prefix  # the run's teacher, for every model of the run
+    teacher_dir = fetch_dir(store, against, "models") if against else None
+    out = stage_dir(job.out_prefix) / "eval" / "eval_test.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     m = kind.evaluate(model_dir, data_dir, cfg, split="test", teacher_dir=teacher_dir, speed=job.speed, out_path=out)
     store.put_file(out, f"{job.out_prefix}/eval_test.json")
+    tracker = Tracker(job.tracking_uri, job.experiment) if (job.tracking_uri and trained.get("mlflow_run_id")) else None
+    if "files" in m:
+        m = {**m, "files": upload_eval_files(store, out.parent, m["files"], f"{job.out_prefix}/eval",
+                                             tracker, trained.get("mlflow_run_id"))}
     flat = {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if job.tracking_uri and trained.get("mlflow_run_id"):
-        tracker = Tracker(job.tracking_uri, job.experiment)
+    if tracker is not None:
         sel = kind.selection.key
         extra = {f"{sel}_best": trained[sel]} if isinstance(trained.get(sel), (int, float)) else {}
         tracker.log_metrics(trained["mlflow_run_id"], {**flat, **extra, "train_seconds": trained.get("train_seconds", 0.0)})
     return m
+
+
+def upload_eval_files(store: Store, folder: Path, files: Any, prefix: str, tracker: Optional[Tracker] = None,
+                      run_id: Optional[str] = None) -> dict[str, str]:
+    """Upload the files an evaluation wrote (``{name: path relative to folder}``) to ``<prefix>/<path>`` and log
+    them to the MLflow run ``run_id`` under ``eval/``; returns {name: store key}. A path that leaves ``folder``
+    is refused; a file the evaluation named but did not write is left out (a warning), so a missing picture
+    never loses a stage's metrics."""
+    if not isinstance(files, dict):
+        raise ValueError(f"evaluate's 'files' must be a dict of name -> relative path, got {type(files).__name__}")
+    log = _logger()
+    keys: dict[str, str] = {}
+    for name, rel in files.items():
+        path = contained_path(folder, str(rel), follow_links=True)  # PathEscapeError (a ValueError) if outside
+        if not path.is_file():
+            log.warning("evaluation named the file %s (%s) but did not write it; left out", rel, name)
+            continue
+        rel_key = path.relative_to(folder.resolve()).as_posix()
+        key = f"{prefix}/{rel_key}"
+        store.put_file(path, key)
+        keys[str(name)] = key
+        if tracker is not None and run_id:
+            sub = Path("eval", rel_key).parent.as_posix()
+            tracker.log_artifact(run_id, path, sub)
+    return keys
 
 
 @task(name="measure-speed", retries=1, retry_condition_fn=not_integrity_error)

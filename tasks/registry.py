@@ -46,8 +46,9 @@ def register_models(
     lineage: dict[str, str],
     margin: float,
 ) -> dict:
-    """Log teacher, baseline and student as registered models ``<experiment>-<role>`` with lineage tags (image
-    classifiers: pytorch flavour with an input example; language models: the Hugging Face folder), then run the
+    """Log teacher, baseline and student as registered models ``<experiment>-<role>`` with lineage tags (by the
+    kind's ``extras["model_format"]``: ``pytorch``, the pytorch flavour with an input example; ``hf``, the
+    Hugging Face folder; ``diffusers``, the pipeline folder as is, ``flavor="files"``), then run the
     promotion gate on the kind's selection metric in its direction under the store's promotion lock of the
     student model (:func:`promotion_lock`), so concurrent pipelines promote one at a time and the strongest
     concurrent candidate wins.
@@ -64,8 +65,12 @@ def register_models(
         model_dir = fetch_dir(store, r["model_prefix"], "models")
         tags = _tags(kind, role, r, lineage, versions, store.uri(r["model_prefix"]))
         name = f"{experiment}-{role}"
-        if kind.extras.get("model_format") == "hf":
+        fmt = kind.extras.get("model_format")
+        if fmt == "hf":
             v = tracker.log_model_folder(r["mlflow_run_id"], model_dir, name, tags)
+        elif fmt == "diffusers":  # a pipeline folder (model_index.json, unet/, scheduler/) logged byte for byte
+            v = tracker.log_model_folder(r["mlflow_run_id"], model_dir, name, tags, flavor="files",
+                                         task=kind.extras.get("model_task", "unconditional-image-generation"))
         else:
             data_dir = data_dir or fetch_dir(store, data_key, "data")
             example = kind.extras["input_example"](model_dir, data_dir)

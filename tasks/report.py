@@ -1,15 +1,24 @@
 """The comparison report of any kind: a markdown table (the kind's columns), the sweep, the promotion decision,
-generated samples when the kind has them, and plots (training curves; the test metric across the sweep)."""
+generated samples when the kind has them (text, or image files its evaluation wrote), and plots (training
+curves; the test metric across the sweep; quality against sampling steps when the kind declares
+``extras["curve"]``)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Optional
 
+from distill.files import contained_path
 from distill.kinds import Kind, comparison_rows, markdown_table
 
-__all__ = ["build_report", "sweep_points"]
+__all__ = ["build_report", "curve_points", "fetch_sample_files", "plot_quality_vs_steps", "sweep_points"]
+
+log = logging.getLogger("distill.report")
+SAMPLES_DIR = "samples"
+#: the order of the models in the samples section: teacher, baseline, the init stage, students
+_ROLE_ORDER = {"teacher": 0, "baseline": 1, "init": 2, "student": 3}
 
 
 def sweep_points(kind: Kind, results: dict[str, dict]) -> list[dict]:
@@ -92,6 +101,115 @@ def plot_sweep(kind: Kind, points: list[dict], baseline: float | None, path: Pat
     return path
 
 
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def curve_points(curve: dict, results: dict[str, dict]) -> dict[str, list[tuple[float, float]]]:
+    """{model: [(steps, metric)]} for every model whose test metrics have at least one finite
+    ``curve["key"].format(steps)`` over ``curve["steps"]`` (missing and NaN points are skipped)."""
+    out = {}
+    for name, r in results.items():
+        test = r.get("test") or {}
+        pts = [(s, float(test[curve["key"].format(s)])) for s in curve["steps"]
+               if _finite(test.get(curve["key"].format(s)))]
+        if pts:
+            out[name] = pts
+    return out
+
+
+def plot_quality_vs_steps(kind: Kind, results: dict[str, dict], path: Path) -> Path | None:
+    """The kind's ``extras["curve"]`` (``steps``, ``key`` with ``{}`` for the step count, ``label``, ``x_label``,
+    ``log_x``): one line per model against sampling steps, and the teacher's test metric as a dashed
+    horizontal line (labelled with its own step count when its test metrics have ``steps``)."""
+    curve = kind.extras.get("curve")
+    if not curve:
+        return None
+    lines = curve_points(curve, results)
+    if not lines:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for name, pts in lines.items():
+        r = results[name]
+        style = "o-" if r.get("role") != "student" or r.get("main") else "o:"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=name)
+    teacher = (results.get("teacher") or {}).get("test") or {}
+    ref = teacher.get(kind.test_metric.key)
+    if _finite(ref):
+        steps = teacher.get("steps")
+        label = f"teacher ({steps:g} steps)" if _finite(steps) else "teacher"
+        ax.axhline(float(ref), color="grey", ls="--", label=label)
+    if curve.get("log_x"):
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(list(curve["steps"]), [str(s) for s in curve["steps"]])
+    label = curve.get("label") or curve["key"].format("N")
+    ax.set(title=f"{label} against {curve.get('x_label') or 'steps'}", xlabel=curve.get("x_label") or "steps",
+           ylabel=label)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sample_order(results: dict[str, dict]) -> list[str]:
+    names = list(results)
+    return sorted(names, key=lambda n: (_ROLE_ORDER.get(results[n].get("role"), len(_ROLE_ORDER)), names.index(n)))
+
+
+def fetch_sample_files(get_file: Callable[[str, Path], Any], results: dict[str, dict],
+                       out_dir: Path) -> dict[str, dict[str, Optional[Path]]]:
+    """Bring each model's evaluation files (``res["test"]["files"]``: {label: store key}) into
+    ``out_dir/samples/<model>/`` with ``get_file(key, local_path)``; returns {model: {label: local path, or None
+    when it could not be fetched (logged)}}, models ordered teacher, baseline, students."""
+    out: dict[str, dict[str, Optional[Path]]] = {}
+    for name in _sample_order(results):
+        files = (results[name].get("test") or {}).get("files")
+        if not isinstance(files, dict) or not files:
+            continue
+        got: dict[str, Optional[Path]] = {}
+        for label, key in files.items():
+            try:
+                local = contained_path(out_dir, f"{SAMPLES_DIR}/{name}/{Path(str(key)).name}", follow_links=False)
+                local.parent.mkdir(parents=True, exist_ok=True)
+                get_file(str(key), local)
+                got[str(label)] = local
+            except Exception as e:  # noqa: BLE001 - a missing picture never fails the report
+                log.warning("could not fetch sample file %s of %s: %s", key, name, e)
+                got[str(label)] = None
+        out[name] = got
+    return out
+
+
+def _sample_files_lines(samples: dict[str, dict[str, Optional[Path]]], out_dir: Path) -> list[str]:
+    """The "Samples" section: a markdown table with one row per model and one column per file label."""
+    if not samples:
+        return []
+    labels: list[str] = []
+    for files in samples.values():
+        labels += [lb for lb in files if lb not in labels]
+    lines = ["## Samples (same noise for every model)", "", "| model | " + " | ".join(labels) + " |",
+             "|" + "---|" * (len(labels) + 1)]
+    missing = []
+    for name, files in samples.items():
+        cells = []
+        for lb in labels:
+            path = files.get(lb)
+            if path is not None and Path(path).is_file():
+                rel = Path(path).resolve().relative_to(out_dir.resolve()).as_posix()
+                cells.append(f"![{name} {lb}]({rel})")
+            else:
+                cells.append("-")
+                if lb in files:
+                    missing.append(f"{name}/{lb}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("")
+    if missing:
+        lines += [f"Not available (could not be fetched from the store): {', '.join(missing)}.", ""]
+    return lines
+
+
 def _promotion_lines(kind: Kind, p: dict) -> list[str]:
     metric = p.get("metric", kind.selection.key)
     cand = p.get("candidate", p.get("candidate_val_acc"))
@@ -133,7 +251,10 @@ def _one_line(s: str) -> str:
     return " ".join(str(s).split()).replace("|", "\\|")[:300]
 
 
-def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, notes: list[str], out_dir: Path) -> dict:
+def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, notes: list[str], out_dir: Path,
+                 samples: dict[str, dict[str, Optional[Path]]] | None = None) -> dict:
+    """The report in ``out_dir`` (``report.md`` and its plots). ``samples``: the models' evaluation files
+    already in ``out_dir`` (:func:`fetch_sample_files`), shown in a "Samples" section."""
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = comparison_rows(kind, results)
     table = markdown_table(kind.columns, rows)
@@ -142,6 +263,7 @@ def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, n
     curves = plot_curves(kind, results, out_dir / "training_curves.png")
     points = sweep_points(kind, results)
     sweep_png = plot_sweep(kind, points, baseline, out_dir / f"{tm.key}_across_sweep.png") if len(points) > 1 else None
+    steps_png = plot_quality_vs_steps(kind, results, out_dir / "quality_vs_steps.png")
     lines = [f"# {kind.flow} comparison", "", table, ""]
     speed = {r.get("test", {}).get("speed_measured") for r in results.values()}
     if speed == {"alone"}:
@@ -161,12 +283,16 @@ def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, n
             g = gain_col.format(gain) if gain_col else _num(gain)
             lines.append("| " + " | ".join([*(f"{p.get(k)}" for k in keys), fmt, g]) + " |")
         lines.append("")
+    if steps_png:
+        lines += [f"## {kind.extras['curve'].get('label') or 'Quality'} against "
+                  f"{kind.extras['curve'].get('x_label') or 'steps'}", "", f"![quality vs steps]({steps_png.name})", ""]
     if promotion:
         lines += _promotion_lines(kind, promotion)
     lines += _samples_lines(results)
+    lines += _sample_files_lines(samples or {}, out_dir)
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
-    plots = [p for p in (curves, sweep_png) if p]
+    plots = [p for p in (curves, sweep_png, steps_png) if p]
     if plots:
         lines += ["Plots: " + ", ".join(p.name for p in plots)]
     md = "\n".join(lines) + "\n"

@@ -398,10 +398,13 @@ EXPECTED_DEPLOYMENTS = {
     "distill-cifar/gpu-weekly": ("flows/cifar.py:distill_cifar", "distill-cifar", "cpu"),
     "distill-lm/local": ("flows/lm.py:distill_lm", "distill-lm", "cpu"),
     "distill-lm/gpu": ("flows/lm.py:distill_lm", "distill-lm", "cpu"),
+    "distill-diffusion/local": ("flows/diffusion.py:distill_diffusion", "distill-diffusion", "cpu"),
+    "distill-diffusion/gpu": ("flows/diffusion.py:distill_diffusion", "distill-diffusion", "cpu"),
     "distill-train/gpu": ("flows/train.py:distill_train", "distill-train", "gpu"),
     "distill-train/cpu": ("flows/train.py:distill_train", "distill-train", "cpu"),
 }
-_FLOW_OF = {"flows/cifar.py": "distill-cifar", "flows/lm.py": "distill-lm", "flows/train.py": "distill-train"}
+_FLOW_OF = {"flows/cifar.py": "distill-cifar", "flows/lm.py": "distill-lm",
+            "flows/diffusion.py": "distill-diffusion", "flows/train.py": "distill-train"}
 
 
 def _deployments(prefect_yaml) -> dict:
@@ -432,6 +435,8 @@ def test_prefect_yaml_deployments(prefect_yaml):
     assert deps["distill-cifar/gpu-weekly"]["parameters"] == {"params": {"profile": "seed", "train_pool": "gpu"}}
     assert deps["distill-lm/local"]["parameters"] == {"params": {"profile": "smoke"}}
     assert deps["distill-lm/gpu"]["parameters"] == {"params": {"profile": "full", "train_pool": "gpu"}}
+    assert deps["distill-diffusion/local"]["parameters"] == {"params": {"profile": "smoke"}}
+    assert deps["distill-diffusion/gpu"]["parameters"] == {"params": {"profile": "full", "train_pool": "gpu"}}
     for name in ("distill-train/gpu", "distill-train/cpu"):  # distill-train gets `job` via run_deployment
         assert not deps[name].get("parameters")
     # no docker build/push: the image is built from the Dockerfile separately
@@ -546,9 +551,9 @@ def test_dockerfile():
     assert base.startswith(("python:3.11", "nvidia/cuda:")), base
     runs = " ".join(rest for op, rest in ins if op == "RUN")
     assert "pip install torch==2.14.1 torchvision==0.29.1" in runs
-    assert 'pip install ".[pipeline,lm]"' in runs  # the GPU image runs every kind: transformers for LMs
+    assert 'pip install ".[pipeline,lm,diffusion]"' in runs  # the GPU image runs every kind (transformers, diffusers)
     # torch goes in before the project (its own cached layer)
-    assert runs.index("torch==2.14.1") < runs.index('".[pipeline,lm]"')
+    assert runs.index("torch==2.14.1") < runs.index('".[pipeline,lm,diffusion]"')
     users = [rest for op, rest in ins if op == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0"), "the image must end as a non-root user"
     assert ops.index("USER") > max(i for i, op in enumerate(ops) if op == "RUN"), "USER must follow the last RUN"

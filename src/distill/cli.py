@@ -2,7 +2,7 @@
 
   distill stage prepare  [--kind cifar|lm] --profile smoke [--source PATH] [--cache DIR]
   distill stage train    [--kind K] --role teacher|init|baseline|student --data DIR --out DIR [--teacher DIR]
-                         [--init DIR] [-T 4 --alpha 0.7]
+                         [--init DIR] [-T 4 --alpha 0.7] [--member NAME]
   distill stage evaluate [--kind K] --model DIR --data DIR [--teacher DIR] [--split test|val]
   distill lab            [--kind K] --profile smoke --out runs/lab   (all stages in-process, no Prefect)
   distill run cifar|lm   --profile smoke [--fresh] [--no-register]   (the Prefect flow; needs the pipeline extra)
@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", help="lm: the init stage's output folder, the starting point of baseline and student")
     p.add_argument("-T", "--temperature", type=float, help="KD temperature (default: config kd.temperature)")
     p.add_argument("--alpha", type=float, help="KD weight of the soft term (default: config kd.alpha)")
+    p.add_argument("--member", help="--role student: the plan member to train (e.g. progressive-4, consistency, "
+                   "sweep-rkl); default: the main student")
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in --out")
     p = ssub.add_parser("evaluate", help="evaluate a trained model")
     _common(p)
@@ -126,6 +128,8 @@ def _check_args(args) -> str | None:
             return f"stage train --role {args.role} needs --teacher DIR (the output folder of the teacher stage)"
         if args.role == "init" and not get_kind(args.kind).has_init:
             return f"--role init: kind {args.kind!r} has no init stage"
+        if args.role != "student" and args.member:
+            return f"--member applies to --role student only, not --role {args.role}"
         if args.role != "student" and (args.temperature is not None or args.alpha is not None):
             return f"-T/--temperature and --alpha apply to --role student only, not --role {args.role}"
     return None
@@ -145,7 +149,8 @@ def _print(obj) -> None:
 
 def run_lab(kind, cfg, out: Path) -> dict:
     """The kind's stages, in-process, with no orchestration: prepare, teacher, init (if the kind has one),
-    baseline and the main student, then evaluation of each on the held-out split; prints the table."""
+    baseline and the main student (with the members it learns from, e.g. earlier progressive rounds), then
+    evaluation of each on the held-out split (against the run's teacher); prints the table."""
     from .kinds import INIT_NAME, comparison_rows, markdown_table
 
     prep = kind.prepare(cfg, progress=True)
@@ -156,10 +161,19 @@ def run_lab(kind, cfg, out: Path) -> dict:
     if kind.has_init:
         init_dir = out / INIT_NAME
         results[INIT_NAME] = {**kind.train("init", cfg, data_dir, init_dir, teacher_dir=t_dir), "role": "init"}
-    for m in kind.plan(cfg):
-        if m.role == "baseline" or m.main:
-            res = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=t_dir, init_dir=init_dir, kd=m.kd)
-            results[m.name] = {**res, "role": m.role}
+    plan = {m.name: m for m in kind.plan(cfg)}
+    wanted: list[str] = []
+    for m in plan.values():  # the baseline, the main student and the members it learns from (progressive rounds)
+        chain, name = [], (m.name if (m.role == "baseline" or m.main) else None)
+        while name is not None and name not in wanted:
+            chain.append(name)
+            name = plan[name].teacher
+        wanted += reversed(chain)
+    for name in wanted:
+        m = plan[name]
+        teacher_dir = out / m.teacher if m.teacher else t_dir
+        res = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=teacher_dir, init_dir=init_dir, kd=m.kd)
+        results[m.name] = {**res, "role": m.role}
     for name, res in results.items():
         res["test"] = kind.evaluate(out / name, data_dir, cfg, teacher_dir=None if name == "teacher" else t_dir)
     table = markdown_table(kind.columns, comparison_rows(kind, results))
@@ -185,11 +199,18 @@ def main(argv: list[str] | None = None) -> int:
         kind = _kind(args)
         cfg = _config(args)
         if args.cmd == "stage" and args.stage == "train" and args.role == "student":
-            update = {k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha)) if v is not None}
-            try:
-                kd = type(cfg.kd).model_validate({**cfg.kd.model_dump(), **update}).model_dump(mode="json")
-            except ValidationError as e:
-                return _fail(*(f"invalid configuration: {line}" for line in error_lines(e, ("kd",))))
+            if args.member or not hasattr(cfg, "kd"):  # a member of the kind's plan (diffusion: progressive-4, ...)
+                members = {m.name: m for m in kind.plan(cfg) if m.role == "student"}
+                name = args.member or next(n for n, m in members.items() if m.main)
+                if name not in members:
+                    return _fail(f"--member {name!r} is not a student of this config's plan: {', '.join(members)}")
+                kd = members[name].kd
+            else:
+                update = {k: v for k, v in (("temperature", args.temperature), ("alpha", args.alpha)) if v is not None}
+                try:
+                    kd = type(cfg.kd).model_validate({**cfg.kd.model_dump(), **update}).model_dump(mode="json")
+                except ValidationError as e:
+                    return _fail(*(f"invalid configuration: {line}" for line in error_lines(e, ("kd",))))
     except ValidationError as e:
         return _fail(*(f"invalid configuration: {line}" for line in error_lines(e)))
     except ValueError as e:  # unknown profile, malformed or conflicting --set

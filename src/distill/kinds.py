@@ -103,6 +103,9 @@ class Member:
     kd: Optional[dict] = None
     sweep: Optional[dict] = None
     main: bool = False
+    #: the name of an earlier member whose output is this member's teacher (a progressive-distillation round
+    #: learns from the previous round); None: the run's teacher
+    teacher: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ class Kind:
         return list(fn(cfg, n_train)) if fn else []
 
 
-_BUILTIN = {"cifar": "distill.image.kind", "lm": "distill.lm.kind"}
+_BUILTIN = {"cifar": "distill.image.kind", "lm": "distill.lm.kind", "diffusion": "distill.diffusion.kind"}
 _KINDS: dict[str, Kind] = {}
 
 

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from ..presets import deep_merge
 from .losses import LOSSES
 from .models import MODELS, parameter_count
 
@@ -298,16 +299,6 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (override or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "kwargs":
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
-
-
 def load_profile(name: str, overrides: dict | None = None) -> LabConfig:
     """Build a validated LabConfig from a preset plus nested overrides (raises pydantic.ValidationError)."""
     if name not in PRESETS:
@@ -318,7 +309,7 @@ def load_profile(name: str, overrides: dict | None = None) -> LabConfig:
         # naming another model without kwargs must not inherit the preset model's kwargs
         if isinstance(spec, dict) and "name" in spec and "kwargs" not in spec:
             spec["kwargs"] = {}
-    return LabConfig.model_validate(deep_merge(PRESETS[name], overrides))
+    return LabConfig.model_validate(deep_merge(PRESETS[name], overrides, atomic=("kwargs",)))
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -360,7 +351,7 @@ def parse_overrides(items: list[str]) -> dict:
             node = child
         old = node.get(parts[-1])
         if isinstance(old, dict) and isinstance(value, dict):
-            value = deep_merge(old, value)
+            value = deep_merge(old, value, atomic=("kwargs",))
         elif isinstance(old, dict) and any(path[: len(parts)] == parts and len(path) > len(parts) for path in origin):
             inner = sorted({v for path, v in origin.items() if path[: len(parts)] == parts and len(path) > len(parts)})
             raise ValueError(

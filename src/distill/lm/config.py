@@ -26,6 +26,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from ..presets import deep_merge
 from .train import LMKDConfig, LMTrainConfig
 
 __all__ = [
@@ -354,16 +355,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         promotion_margin=0.1,
     ),
 }
-
-
-def deep_merge(base: dict, override: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in (override or {}).items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = copy.deepcopy(v)
-    return out
 
 
 def load_profile(name: str, overrides: dict | None = None) -> LMLabConfig:
