@@ -19,9 +19,12 @@ sys.meta_path.insert(0, Block())
 import distill, distill.image.config, distill.image.data, distill.image.models, distill.image.losses, distill.image.train
 import distill.checkpoint, distill.image.evaluate, distill.image.stages, distill.cli, distill.kinds, distill.home
 import distill.image.kind, distill.runtime, distill.stage_output, distill.lm.kind, distill.lm.config
+import distill.diffusion.kind, distill.diffusion.stages, distill.diffusion.metrics, distill.diffusion.train
+import distill.presets
 try:
     distill.cli.main(["config", "--profile", "seed"])
     distill.cli.main(["config", "--kind", "lm", "--profile", "seed"])
+    distill.cli.main(["config", "--kind", "diffusion", "--profile", "full"])
 except SystemExit:
     pass
 # `distill run` finds the flows through entry points: with flows/ unavailable it fails with a message

@@ -236,3 +236,46 @@ def test_lm_deployment_run_on_gpu_pool(stack):
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+def test_diffusion_deployment_run_on_gpu_pool(stack, tmp_path):
+    """`prefect deployment run distill-diffusion/local` on tiny generated images, every stage dispatched to the
+    gpu pool's process worker: the progressive rounds run as deployment runs one after the other (the second is
+    keyed on the first's weights), the models are diffusers folders in the S3 store and in the MLflow server."""
+    from mlflow import MlflowClient
+
+    from _tinydiff import tiny_diffusion_overrides
+
+    src = make_imagefolder(tmp_path / "src", n_train=20, n_test=6, size=16)
+    params = {"params": {"profile": "smoke", "train_pool": "gpu",
+                         "overrides": tiny_diffusion_overrides(src, stack["base"] / "diffcache")}}
+    old = dict(os.environ)
+    os.environ.update(stack["s3"].env)
+    try:
+        from tasks.storage import open_store
+
+        store = open_store(f"s3://{BUCKET}/store")
+        r = _prefect(["deployment", "run", "distill-diffusion/local", "--params", json.dumps(params),
+                      "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
+        logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout)
+                         if p.exists())
+        assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
+        run_id = next(l for l in r.stdout.splitlines() if "UUID:" in l).split("UUID:")[1].strip()
+        trains = _train_runs(stack, run_id)
+        assert sorted(t["name"] for t in trains) == ["baseline", "consistency", "progressive-2", "progressive-4",
+                                                     "teacher"]
+        assert all(t["work_pool_name"] == "gpu" and t["state_type"] == "COMPLETED" for t in trains)
+        summary = store.get_json(f"runs/{run_id}/summary.json")
+        res = summary["results"]
+        assert summary["kind"] == "diffusion" and res["progressive-2"]["teacher_name"] == "progressive-4"
+        for name, r_ in res.items():
+            files = store.dir_manifest(f"{r_['stage_key']}/model")
+            assert {"model_index.json", "distill.json", "unet/diffusion_pytorch_model.safetensors"} <= set(files)
+        client = MlflowClient(tracking_uri=stack["mlflow"])
+        (mv,) = client.search_model_versions("name='distill-diffusion-student'")
+        assert mv.tags["prefect_flow_run_id"] == run_id and mv.tags["distill.kind"] == "diffusion"
+        report = store.get_dir_file(f"runs/{run_id}/report", "report.md").decode()
+        assert "# distill-diffusion comparison" in report and "quality_vs_steps.png" in report
+    finally:
+        os.environ.clear()
+        os.environ.update(old)

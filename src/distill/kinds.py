@@ -1,7 +1,8 @@
 """The registry of distillation kinds: what the pipeline needs to know about one kind, as plain functions.
 
-A kind (``cifar`` image classifiers, ``lm`` causal language models, later ``diffusion``) is one :class:`Kind`
-value built by its package (``distill.image.kind``, ``distill.lm.kind``); no base classes. The pipeline side
+A kind (``cifar`` image classifiers, ``lm`` causal language models, ``diffusion`` step distillation) is one
+:class:`Kind` value built by its package (``distill.image.kind``, ``distill.lm.kind``, ``distill.diffusion.kind``);
+no base classes. The pipeline side
 (``tasks/``, ``flows/``) only talks to a kind through these fields, so storage, tracking, registration, the
 promotion gate, the report, dispatch to a work pool, stage reuse and resume are the same for every kind.
 
