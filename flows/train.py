@@ -37,8 +37,8 @@ def distill_train(job: TrainJob) -> dict:
         tracker = Tracker(job.tracking_uri, job.experiment) if job.tracking_uri else None
         run_id = start_stage_run(job, tracker, fr_id) if tracker else None
         with (tracker.run_scope(run_id) if tracker else nullcontext()):
-            trained = train_stage(job, run_id)
-            metrics = evaluate_stage(job, trained)
+            trained = train_stage.with_options(task_run_name=_run_name("train", job.name))(job, run_id)
+            metrics = evaluate_stage.with_options(task_run_name=_run_name("evaluate", job.name))(job, trained)
             result = {
                 **trained,
                 "test": metrics,
@@ -53,6 +53,13 @@ def distill_train(job: TrainJob) -> dict:
         key = job.kind_and_config()[0].test_metric.key
         print(f"{job.name}: stage done ({job.role}); held-out {key} {metrics.get(key, float('nan')):.4f}")
     return result
+
+
+def _run_name(verb: str, stage: str):
+    """A task run name ``<verb>-<stage>`` (``train-teacher``, ``evaluate-progressive-4``), given to Prefect as a
+    callable: a string would go through ``str.format`` with the task's parameters."""
+    name = f"{verb}-{stage}"
+    return lambda: name
 
 
 def _pool() -> str | None:

@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import logging
 import math
+import re
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from distill.files import contained_path
-from distill.kinds import Kind, comparison_rows, markdown_table
+from distill.kinds import Column, Kind, comparison_rows, markdown_table
+from tasks.secrets import redact_text, redact_url, strip_userinfo
 
-__all__ = ["build_report", "curve_points", "fetch_sample_files", "plot_quality_vs_steps", "sweep_points"]
+__all__ = ["artifact_markdown", "build_report", "curve_points", "fetch_sample_files", "formatted_rows",
+           "mlflow_run_line", "plot_quality_vs_steps", "sweep_points"]
 
 log = logging.getLogger("distill.report")
 SAMPLES_DIR = "samples"
@@ -299,3 +303,62 @@ def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, n
     (out_dir / "report.md").write_text(md)
     return {"markdown": md, "table": table, "rows": rows,
             "files": [str(p) for p in (out_dir / "report.md", *plots)]}
+
+
+# --- the Prefect artifacts ------------------------------------------------------------------------------------
+
+
+def formatted_rows(columns: tuple[Column, ...], rows: list[dict]) -> list[dict[str, str]]:
+    """The comparison table as a Prefect table artifact wants it: one {header: formatted value} per model, the
+    kind's columns formatted exactly as in the markdown table (:func:`distill.kinds.markdown_table`)."""
+    return [{c.header: c.format(row.get(c.key)) for c in columns} for row in rows]
+
+
+def mlflow_run_line(tracking_uri: Optional[str], experiment_id: Optional[str], run_id: Optional[str]) -> str:
+    """Where the run is in MLflow: a link to ``<server>/#/experiments/<id>/runs/<id>`` for an http(s) tracking
+    server (credentials stripped), else the ``mlflow ui`` command that serves the local store (sqlite, file)."""
+    if not tracking_uri or not run_id:
+        return ""
+    uri = str(tracking_uri)
+    scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("http", "https"):
+        base = strip_userinfo(uri)[0].split("#", 1)[0].rstrip("/")
+        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base}/#/"
+        return f"MLflow run: [{url}]({url})" if experiment_id else f"MLflow: [{url}]({url}) (run {run_id})"
+    shown = redact_url(uri) or ""
+    where = f"/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else "/#/"
+    return (f"MLflow run {run_id}: serve the tracking store with `mlflow ui --backend-store-uri "
+            f"{shlex.quote(shown)} --port 5000` and open http://127.0.0.1:5000{where}")
+
+
+#: a markdown image whose target is no absolute http(s) URL (a file next to report.md)
+_LOCAL_IMAGE = re.compile(r"!\[(?P<alt>[^\]]*)\]\((?!https?://)(?P<src>[^)\s]+)\)")
+
+
+def artifact_markdown(markdown: str, *, tracking_uri: Optional[str] = None, experiment_id: Optional[str] = None,
+                      run_id: Optional[str] = None, report_uri: Optional[str] = None,
+                      mlflow_path: str = "report") -> str:
+    """The report's markdown as a Prefect markdown artifact: first a line that leads to the MLflow parent run
+    (:func:`mlflow_run_line`); local image links (plots, sample grids) become the file's name in code, since the
+    Prefect UI cannot show files next to report.md; below the comparison table, where the plots and images are
+    (the report folder in the store and the MLflow run's ``report/`` artifacts). ``report.md`` itself keeps its
+    relative links."""
+    lines = _LOCAL_IMAGE.sub(lambda m: f"`{m.group('src')}`", markdown).split("\n")
+    where = []
+    if report_uri:
+        where.append(f"the report folder `{redact_text(report_uri)}`")
+    if run_id:
+        where.append(f"the MLflow run's artifacts under `{mlflow_path}/`")
+    if where:
+        note = f"Plots and images (not shown here): {' and '.join(where)}."
+        start = next((i for i, line in enumerate(lines) if line.startswith("|")), None)
+        if start is None:
+            lines += ["", note]
+        else:
+            end = start
+            while end < len(lines) and lines[end].startswith("|"):
+                end += 1
+            lines[end:end] = ["", note]
+    head = mlflow_run_line(tracking_uri, experiment_id, run_id)
+    text = "\n".join(lines)
+    return f"{redact_text(head)}\n\n{text}" if head else text

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -116,11 +115,9 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
         assert r.returncode != 0 and "temperature" in (r.stdout + r.stderr), r.stdout + r.stderr
         cifar_runs = _api(stack["api"], "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["distill-cifar"]}}})
         assert not [fr for fr in cifar_runs if fr["parameters"].get("params", {}).get("overrides", {}).get("kd")]
-        # the only distill-cifar runs so far are the ones the weekly cron scheduled ahead (Mondays 03:00 UTC)
-        assert cifar_runs and all(fr["state_type"] == "SCHEDULED" for fr in cifar_runs)
-        for fr in cifar_runs:
-            t = datetime.fromisoformat(fr["expected_start_time"].replace("Z", "+00:00"))
-            assert (t.weekday(), t.hour, t.minute) == (0, 3, 0) and fr["parameters"]["params"]["profile"] == "seed", fr
+        # no distill-cifar run exists: the refused one was never created, and `deploy --all` left the weekly
+        # schedule inactive (production resumes it; tests/test_infra.py covers that)
+        assert cifar_runs == []
 
         # ---- first run ----------------------------------------------------------------------------------
         run1 = _deployment_run(stack)

@@ -1,11 +1,13 @@
 """Checks for the deployment infrastructure: Dockerfile, infra/docker-compose.yml, the MinIO
 bucket policy, the Prefect work-pool base job templates and prefect.yaml.
 
-Everything except the ``e2e`` test is static and offline. The templates are validated with
+Everything except the ``e2e`` tests is static and offline. The templates are validated with
 Prefect's own server-side validator and rendered through the real worker job-configuration
-classes of prefect-docker and prefect-kubernetes. The ``e2e`` test starts a real Prefect server
-on 127.0.0.1, creates the pools from the templates, runs ``prefect deploy --all`` and executes
-one deployment through a process worker.
+classes of prefect-docker and prefect-kubernetes. The ``e2e`` tests start a real Prefect server
+on 127.0.0.1, create the pools with ``infra/setup-pools.sh`` (and from the templates), run
+``prefect deploy --all``, resume the weekly schedule with the documented CLI and execute one
+deployment through a process worker; one more runs the postgres init script against a
+throw-away local PostgreSQL server when its binaries are installed.
 
 Not checkable here (no Docker engine, no compose plugin, no cluster): building the image,
 starting the compose stack, running a container with a GPU, applying the k8s manifests.
@@ -16,10 +18,12 @@ from __future__ import annotations
 import ast
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 import uuid
@@ -58,8 +62,8 @@ def _run_async(coro):
 # docker-compose.yml
 # --------------------------------------------------------------------------------------------
 
-EXPECTED_SERVICES = {"minio", "minio-init", "mlflow", "prefect-server", "worker-cpu", "worker-gpu"}
-# host port -> service; all published on 127.0.0.1 only
+EXPECTED_SERVICES = {"postgres", "minio", "minio-init", "mlflow", "prefect-server", "worker-cpu", "worker-gpu"}
+# host port -> service; all published on 127.0.0.1 only (postgres: not published at all)
 EXPECTED_PORTS = {
     "minio": {"127.0.0.1:9000:9000", "127.0.0.1:9001:9001"},
     "mlflow": {"127.0.0.1:5000:5000"},
@@ -112,10 +116,17 @@ def test_compose_only_expected_ports_published(compose):
 
 def test_compose_healthchecks_and_startup_order(compose):
     s = compose["services"]
-    for name in ("minio", "mlflow", "prefect-server"):
+    for name in ("postgres", "minio", "mlflow", "prefect-server"):
         hc = s[name].get("healthcheck")
         assert hc and hc.get("test"), f"{name} has no healthcheck"
     assert "/health" in " ".join(s["mlflow"]["healthcheck"]["test"])
+    # over TCP: the image's first-start init server listens on the unix socket only, so the
+    # check passes only once the init script has created both databases
+    pg_check = " ".join(s["postgres"]["healthcheck"]["test"])
+    assert "pg_isready" in pg_check and "-h 127.0.0.1" in pg_check
+    # both servers keep their state in postgres: they start only once it is healthy
+    for name in ("mlflow", "prefect-server"):
+        assert s[name]["depends_on"]["postgres"]["condition"] == "service_healthy", name
     assert s["minio-init"]["depends_on"]["minio"]["condition"] == "service_healthy"
     assert s["minio-init"].get("restart") == "no"
     assert s["mlflow"]["depends_on"]["minio-init"]["condition"] == "service_completed_successfully"
@@ -154,10 +165,11 @@ def test_minio_policy_is_bucket_scoped():
 def test_compose_mlflow_command(compose):
     mlflow = compose["services"]["mlflow"]
     cmd = _cmd(mlflow)
-    for part in ("mlflow server", "--backend-store-uri sqlite:////mlflow/mlflow.db",
+    for part in ("mlflow server", '--backend-store-uri "$$MLFLOW_BACKEND_STORE_URI"',
                  "--artifacts-destination s3://distill/mlflow", "--host 0.0.0.0", "--port 5000",
                  "--workers 1"):
         assert part in cmd
+    assert "sqlite" not in cmd
     env = _env(mlflow)
     assert env["MLFLOW_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert env["MLFLOW_DISABLE_TELEMETRY"] == "true"
@@ -165,7 +177,106 @@ def test_compose_mlflow_command(compose):
     assert "mlflow:*" in env["MLFLOW_SERVER_ALLOWED_HOSTS"].split(",")
     # the bucket-scoped user, not the MinIO root account
     assert "DISTILL_S3_ACCESS_KEY" in env["AWS_ACCESS_KEY_ID"]
-    assert "mlflow-data:/mlflow" in mlflow["volumes"]
+    # no local state left: metadata in postgres, artifacts in MinIO
+    assert not mlflow.get("volumes")
+
+
+# --------------------------------------------------------------------------------------------
+# PostgreSQL: the MLflow and Prefect databases
+# --------------------------------------------------------------------------------------------
+
+PG_INIT = INFRA / "postgres" / "10-distill-databases.sh"
+# stand-in values for the variables of infra/.env (compose interpolation is simulated below)
+_FAKE_DOTENV = {"POSTGRES_USER": "pguser", "POSTGRES_PASSWORD": "pg-pass-from-env",
+                "DISTILL_S3_ACCESS_KEY": "distill", "DISTILL_S3_SECRET_KEY": "s3-secret-from-env",
+                "MINIO_ROOT_USER": "root", "MINIO_ROOT_PASSWORD": "minio-root-from-env"}
+
+
+def _interpolate(value: str, env: dict) -> str:
+    """Compose's variable interpolation: ${VAR}, ${VAR:-default}, ${VAR:?error}, $$ -> $."""
+    def sub(m: re.Match) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":-":
+            return arg
+        raise KeyError(f"{name} is required: {arg}")
+    out = re.sub(r"(?<!\$)\$\{(\w+)(?:(:-|:\?)([^}]*))?\}", sub, str(value))
+    return out.replace("$$", "$")
+
+
+def _db_url(value: str):
+    from sqlalchemy.engine import make_url
+
+    return make_url(_interpolate(value, _FAKE_DOTENV))
+
+
+def test_compose_postgres_service(compose):
+    pg = compose["services"]["postgres"]
+    # the official image, pinned to a major version (a data directory is major-specific)
+    image = _interpolate(pg["image"], {})
+    assert re.fullmatch(r"postgres:\d+(\.\d+)?(-alpine|-bookworm|-trixie)?", image), image
+    assert not pg.get("ports"), "postgres must not be published to the host"
+    env = _env(pg)
+    assert env["POSTGRES_USER"].startswith("${POSTGRES_USER")
+    assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?")
+    # a named volume (declared at the top level) holds the data directory
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in pg["volumes"]}
+    assert mounts["/var/lib/postgresql/data"] in compose["volumes"]
+    # the init script that creates both databases is mounted into the entrypoint's folder
+    init = [v for v in pg["volumes"] if ":/docker-entrypoint-initdb.d" in v]
+    assert len(init) == 1 and init[0].endswith(":ro"), init
+    src, dst = init[0].split(":")[:2]
+    assert (COMPOSE.parent / src).resolve() == PG_INIT
+    assert dst.endswith(".sh") and PG_INIT.is_file() and os.access(PG_INIT, os.X_OK)
+    script = PG_INIT.read_text()
+    assert "CREATE DATABASE" in script and "WHERE NOT EXISTS" in script  # idempotent
+    assert set(re.search(r"DISTILL_DATABASES:-([\w ]+)\}", script).group(1).split()) == {"mlflow", "prefect"}
+    r = subprocess.run(["bash", "-n", str(PG_INIT)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    # the database the image creates itself is one of the two (no stray default database)
+    assert env.get("POSTGRES_DB") in ("mlflow", "prefect")
+
+
+def test_compose_servers_use_postgres(compose, monkeypatch):
+    s = compose["services"]
+    pg_env = _env(s["postgres"])
+    want_user = _interpolate(pg_env["POSTGRES_USER"], _FAKE_DOTENV)
+    want_password = _interpolate(pg_env["POSTGRES_PASSWORD"], _FAKE_DOTENV)
+
+    # MLflow: the backend store URI (read by `mlflow server` from MLFLOW_BACKEND_STORE_URI and
+    # passed explicitly in the command); artifacts stay on MinIO
+    mlflow_env = _env(s["mlflow"])
+    url = _db_url(mlflow_env["MLFLOW_BACKEND_STORE_URI"])
+    assert url.drivername in ("postgresql", "postgresql+psycopg2")
+    assert (url.host, url.port, url.database) == ("postgres", 5432, "mlflow")
+    assert (url.username, url.password) == (want_user, want_password)
+    assert "${POSTGRES_PASSWORD:?" in mlflow_env["MLFLOW_BACKEND_STORE_URI"]
+    assert "--artifacts-destination s3://distill/mlflow" in _cmd(s["mlflow"])
+    # the PostgreSQL driver MLflow needs (psycopg2) is in the image or installed by the command
+    assert "psycopg2" in _cmd(s["mlflow"]) or "psycopg2" in DOCKERFILE.read_text()
+
+    # Prefect server: an async driver (asyncpg ships with prefect), under a setting name that
+    # this Prefect version reads
+    from prefect.settings.models.server.database import ServerDatabaseSettings
+
+    prefect_env = _env(s["prefect-server"])
+    keys = [k for k in prefect_env if k in ("PREFECT_SERVER_DATABASE_CONNECTION_URL",
+                                            "PREFECT_API_DATABASE_CONNECTION_URL")]
+    assert len(keys) == 1, keys
+    raw = prefect_env[keys[0]]
+    assert "${POSTGRES_PASSWORD:?" in raw
+    url = _db_url(raw)
+    assert url.drivername == "postgresql+asyncpg"
+    assert (url.host, url.port, url.database) == ("postgres", 5432, "prefect")
+    assert (url.username, url.password) == (want_user, want_password)
+    for k in list(os.environ):
+        if k.startswith(("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_")):
+            monkeypatch.delenv(k)
+    monkeypatch.setenv(keys[0], _interpolate(raw, _FAKE_DOTENV))
+    assert ServerDatabaseSettings().connection_url.get_secret_value() == _interpolate(raw, _FAKE_DOTENV)
+    # the old SQLite file is no longer the database
+    assert not any("sqlite" in str(v) for v in prefect_env.values())
 
 
 def test_compose_workers(compose):
@@ -207,6 +318,19 @@ def test_compose_has_no_literal_secrets(compose):
     example = (INFRA / ".env.example").read_text()
     documented = set(re.findall(r"^#?\s*(\w+)=", example, flags=re.M))
     assert required <= documented, required - documented
+    assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "DISTILL_GPU_CONCURRENCY"} <= documented
+    # no password inside a URL either (database URLs): only a required variable
+    checked_urls = 0
+    for name, svc in compose["services"].items():
+        for key, value in _env(svc).items():
+            if "://" not in str(value):
+                continue
+            masked = re.sub(r"\$\{(\w+)(:[-?][^}]*)?\}", lambda m: f"<{m.group(1)}{(m.group(2) or '')[1:2]}>", str(value))
+            m = re.search(r"://[^/@\s]*:([^@\s]*)@", masked)
+            if m:
+                assert re.fullmatch(r"<\w+\?>", m.group(1)), f"{name}.{key}: literal password in URL: {value}"
+                checked_urls += 1
+    assert checked_urls >= 2  # the MLflow and Prefect database URLs
     assert ".env" in (INFRA / ".gitignore").read_text().split()
 
 
@@ -466,7 +590,7 @@ def test_prefect_yaml_weekly_schedule(prefect_yaml):
     CronSchedule(cron=sched["cron"], timezone=sched["timezone"])
     assert len(sched["cron"].split()) == 5
     assert sched.get("timezone") == "UTC"
-    assert sched.get("active", True) is True
+    assert sched["active"] is False  # production resumes it (infra/README.md, "Scheduling")
     # weekly: exactly 7 days between two consecutive fire times
     it = croniter(sched["cron"], 0)
     a, b = it.get_next(float), it.get_next(float)
@@ -474,6 +598,18 @@ def test_prefect_yaml_weekly_schedule(prefect_yaml):
     for name in deps:
         if name != "distill-cifar/gpu-weekly":
             assert not deps[name].get("schedules")
+
+
+def test_prefect_yaml_no_schedule_active_by_default(prefect_yaml):
+    """`prefect deploy --all` on a developer's machine must not start scheduled runs: every
+    schedule says `active: false` explicitly (Prefect's default is active), as a real boolean
+    (an env template would fail the deploy when the variable is unset: no default syntax)."""
+    scheduled = 0
+    for d in prefect_yaml["deployments"]:
+        for sched in d.get("schedules") or []:
+            assert sched.get("active") is False, f"{d['name']}: schedule {sched} is active by default"
+            scheduled += 1
+    assert scheduled >= 1
 
 
 def _flow_functions(path: Path) -> dict[str, str | None]:
@@ -524,6 +660,110 @@ def test_prefect_yaml_parameters_fit_the_flows(prefect_yaml, monkeypatch):
         flow = load_flow_from_entrypoint(d["entrypoint"])
         assert flow.name == _FLOW_OF[d["entrypoint"].split(":")[0]]
         flow.validate_parameters(params)
+
+
+def _pg_bin(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
+    return str(candidates[-1]) if candidates else None
+
+
+@pytest.mark.e2e
+def test_e2e_postgres_init_script_creates_databases():
+    """The init script against a throw-away PostgreSQL server (password auth over TCP like the
+    image's): both databases, owned by POSTGRES_USER; idempotent; executed and sourced the way
+    the image's bash entrypoint does; a failure fails the script."""
+    initdb, pg_ctl, psql = _pg_bin("initdb"), _pg_bin("pg_ctl"), _pg_bin("psql")
+    if not (initdb and pg_ctl and psql):
+        pytest.skip("no PostgreSQL server binaries here")
+    as_user: list[str] = []
+    if os.geteuid() == 0:  # initdb refuses root
+        import pwd
+
+        try:
+            pw = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root and there is no postgres user")
+        if not shutil.which("runuser"):
+            pytest.skip("running as root without runuser")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    from servers import free_port
+
+    base = Path(tempfile.mkdtemp(prefix="distill-pg-"))
+    if as_user:
+        os.chown(base, pw.pw_uid, pw.pw_gid)
+    (base / "pw").write_text("pg-test-password\n")
+    if as_user:
+        os.chown(base / "pw", pw.pw_uid, pw.pw_gid)
+    port = free_port()
+    data = base / "data"
+    started = False
+    try:
+        subprocess.run([*as_user, initdb, "-D", str(data), "-U", "pguser", f"--pwfile={base / 'pw'}",
+                        "-A", "scram-sha-256"], check=True, capture_output=True, timeout=120)
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "pg.log"), "-w", "-t", "60",
+                        "-o", f"-p {port} -k {base} -c listen_addresses=127.0.0.1", "start"],
+                       check=True, capture_output=True, timeout=90)
+        started = True
+        env = {**os.environ, "PGHOST": "127.0.0.1", "PGPORT": str(port), "PGPASSWORD": "pg-test-password",
+               "POSTGRES_USER": "pguser"}
+        env.pop("DISTILL_DATABASES", None)
+        runs = [["sh", str(PG_INIT)],                                   # executed
+                ["bash", "-Eeo", "pipefail", "-c", f". {PG_INIT}"],    # sourced, as the entrypoint does
+                ["sh", str(PG_INIT)]]                                   # again: idempotent
+        for cmd in runs:
+            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+            assert r.returncode == 0, (cmd, r.stdout, r.stderr)
+            assert "database prefect is ready" in r.stdout
+        r = subprocess.run([psql, "-U", "pguser", "-d", "postgres", "-tAc",
+                            "SELECT datname, pg_get_userbyid(datdba) FROM pg_database ORDER BY 1"],
+                           env=env, capture_output=True, text=True, check=True, timeout=30)
+        owners = dict(line.split("|") for line in r.stdout.split())
+        assert owners["mlflow"] == "pguser" and owners["prefect"] == "pguser"
+        bad = {**env, "PGPASSWORD": "wrong"}
+        for cmd in runs[:2]:
+            r = subprocess.run(cmd, env=bad, capture_output=True, text=True, timeout=60)
+            assert r.returncode != 0 and "creating the databases failed" in r.stderr, (cmd, r.stdout, r.stderr)
+    finally:
+        if started:
+            subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True, timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# infra/setup-pools.sh: work pools and the gpu pool's concurrency limit
+# --------------------------------------------------------------------------------------------
+
+SETUP_POOLS = INFRA / "setup-pools.sh"
+
+
+def test_setup_pools_script(compose):
+    assert SETUP_POOLS.is_file() and os.access(SETUP_POOLS, os.X_OK)
+    r = subprocess.run(["bash", "-n", str(SETUP_POOLS)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    text = SETUP_POOLS.read_text()
+    assert "set -euo pipefail" in text
+    assert 'gpu_limit="${DISTILL_GPU_CONCURRENCY:-1}"' in text
+    assert 'work-pool set-concurrency-limit gpu "$gpu_limit"' in text
+    for tmpl in ("process-cpu.json", "docker-gpu.json", "kubernetes-gpu.json"):
+        assert tmpl in text and (POOLS / tmpl).is_file()
+    # bad input is refused before any API call (no prefect command needed for this)
+    env = {**os.environ, "PREFECT": "/bin/false"}
+    for bad in ({"DISTILL_GPU_CONCURRENCY": "0"}, {"DISTILL_GPU_CONCURRENCY": "x"},
+                {"DISTILL_GPU_POOL_TYPE": "process"}):
+        r = subprocess.run(["bash", str(SETUP_POOLS)], env={**env, **bad}, capture_output=True, text=True)
+        assert r.returncode == 2, (bad, r.stdout, r.stderr)
+    # the compose GPU worker runs it (with the templates next to it) before it starts polling
+    gpu = compose["services"]["worker-gpu"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in gpu["volumes"]}
+    assert (COMPOSE.parent / mounts["/infra/setup-pools.sh"]).resolve() == SETUP_POOLS
+    assert mounts["/infra/work-pools"] == "./work-pools"
+    cmd = _cmd(gpu)
+    assert cmd.index("bash /infra/setup-pools.sh") < cmd.index("exec prefect worker start")
+    assert _env(gpu)["DISTILL_GPU_CONCURRENCY"].startswith("${DISTILL_GPU_CONCURRENCY")
 
 
 # --------------------------------------------------------------------------------------------
@@ -604,6 +844,15 @@ def distill_lm(params: dict | None = None):
     return params
 '''
 
+STUB_DIFFUSION = '''
+from prefect import flow
+
+
+@flow(name="distill-diffusion")
+def distill_diffusion(params: dict | None = None):
+    return params
+'''
+
 STUB_TRAIN = '''
 import os
 from pathlib import Path
@@ -679,6 +928,7 @@ def _stub_project(tmp_path: Path) -> Path:
     (proj / "flows" / "cifar.py").write_text(textwrap.dedent(STUB_CIFAR))
     (proj / "flows" / "train.py").write_text(textwrap.dedent(STUB_TRAIN))
     (proj / "flows" / "lm.py").write_text(textwrap.dedent(STUB_LM))
+    (proj / "flows" / "diffusion.py").write_text(textwrap.dedent(STUB_DIFFUSION))
     return proj
 
 
@@ -694,9 +944,46 @@ def _assert_deployments(deps: dict, project_dir: str):
     weekly = deps["distill-cifar/gpu-weekly"]
     assert weekly.parameters == {"params": {"profile": "seed", "train_pool": "gpu"}}
     (sched,) = weekly.schedules
-    assert sched.active
+    assert not sched.active  # deployed paused; production resumes it
     assert sched.schedule.cron == "0 3 * * 1"
     assert sched.schedule.timezone == "UTC"
+
+
+@pytest.mark.e2e
+def test_e2e_setup_pools_script(prefect_server, tmp_path):
+    """infra/setup-pools.sh against a real Prefect server: creates the pools from the templates,
+    limits the gpu pool, and can run again (new limit, templates pushed to existing pools)."""
+    server = prefect_server
+    env = {**server.env, "PREFECT": str(VENV_BIN / "prefect"),
+           "PATH": f"{VENV_BIN}:{server.env.get('PATH', os.environ['PATH'])}"}
+
+    def run(*args, **extra):
+        r = subprocess.run(["bash", str(SETUP_POOLS), *args], cwd=tmp_path, env={**env, **extra},
+                           capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, f"setup-pools.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        return r.stdout
+
+    async def pools():
+        async with _client(server.api) as c:
+            return {name: await c.read_work_pool(name) for name in ("cpu", "gpu")}
+
+    run()
+    p = _run_async(pools())
+    assert p["cpu"].type == "process" and p["cpu"].concurrency_limit is None
+    assert p["gpu"].type == "docker" and p["gpu"].concurrency_limit == 1
+    assert p["gpu"].base_job_template == _load_json(POOLS / "docker-gpu.json")
+
+    out = run("--update-templates", DISTILL_GPU_CONCURRENCY="2")
+    assert "concurrency limit 2" in out
+    p = _run_async(pools())
+    assert p["gpu"].concurrency_limit == 2 and p["gpu"].type == "docker"
+
+    # a pool of another type is reported, not replaced; the limit is still set
+    r = subprocess.run(["bash", str(SETUP_POOLS)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
+                       env={**env, "DISTILL_GPU_POOL_TYPE": "kubernetes"}, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0 and "exists with type docker" in r.stderr, r.stdout + r.stderr
+    p = _run_async(pools())
+    assert p["gpu"].type == "docker" and p["gpu"].concurrency_limit == 1
 
 
 @pytest.mark.e2e
@@ -709,6 +996,21 @@ def test_e2e_deploy_all_and_run_on_process_worker(prefect_server, tmp_path):
     _prefect(["--no-prompt", "deploy", "--all"], server, cwd=proj,
              extra_env={"DISTILL_PROJECT_DIR": str(proj)})
     _assert_deployments(_read_deployments(server), str(proj))
+
+    # 1b. production turns the weekly schedule on with the CLI documented in infra/README.md;
+    # a later deploy of that deployment pauses it again
+    resume = ("id=$(prefect deployment schedule ls distill-cifar/gpu-weekly -o json"
+              " | python -c 'import json, sys; print(json.load(sys.stdin)[0][\"id\"])')"
+              ' && prefect deployment schedule resume distill-cifar/gpu-weekly "$id"')
+    r = subprocess.run(["bash", "-ec", resume], cwd=proj, capture_output=True, text=True, timeout=120,
+                       env={**server.env, "PATH": f"{VENV_BIN}:{server.env.get('PATH', os.environ['PATH'])}"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    (sched,) = _read_deployments(server)["distill-cifar/gpu-weekly"].schedules
+    assert sched.active
+    _prefect(["--no-prompt", "deploy", "--name", "gpu-weekly"], server, cwd=proj,
+             extra_env={"DISTILL_PROJECT_DIR": str(proj)})
+    (sched,) = _read_deployments(server)["distill-cifar/gpu-weekly"].schedules
+    assert not sched.active
 
     # 2. unset at deploy time: the placeholder is stored and the worker resolves it at run time
     _prefect(["--no-prompt", "deploy", "--name", "cpu"], server, cwd=proj)
