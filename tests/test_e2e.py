@@ -83,8 +83,11 @@ def _params(stack, alpha: float = 0.7) -> dict:
     return {"params": {"profile": "smoke", "train_pool": "gpu", "overrides": ov}}
 
 
-def _deployment_run(stack, alpha: float = 0.7) -> str:
-    r = _prefect(["deployment", "run", "distill-cifar/local", "--params", json.dumps(_params(stack, alpha)),
+def _deployment_run(stack, alpha: float = 0.7, *, deployment: str = "distill-cifar/local",
+                    params: dict | None = None) -> str:
+    """`prefect deployment run <deployment> --watch` (default: distill-cifar/local with _params); the flow run id."""
+    params = _params(stack, alpha) if params is None else params
+    r = _prefect(["deployment", "run", deployment, "--params", json.dumps(params),
                   "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout) if p.exists())
     assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
@@ -206,12 +209,7 @@ def test_lm_deployment_run_on_gpu_pool(stack):
         from tasks.storage import open_store
 
         store = open_store(f"s3://{BUCKET}/store")
-        r = _prefect(["deployment", "run", "distill-lm/local", "--params", json.dumps(params),
-                      "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
-        logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout)
-                         if p.exists())
-        assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
-        run_id = next(l for l in r.stdout.splitlines() if "UUID:" in l).split("UUID:")[1].strip()
+        run_id = _deployment_run(stack, deployment="distill-lm/local", params=params)
         trains = _train_runs(stack, run_id)
         assert sorted(t["name"] for t in trains) == ["baseline", "student", "student-init", "sweep-rkl", "teacher"]
         assert all(t["work_pool_name"] == "gpu" and t["state_type"] == "COMPLETED" for t in trains)
@@ -252,12 +250,7 @@ def test_diffusion_deployment_run_on_gpu_pool(stack, tmp_path):
         from tasks.storage import open_store
 
         store = open_store(f"s3://{BUCKET}/store")
-        r = _prefect(["deployment", "run", "distill-diffusion/local", "--params", json.dumps(params),
-                      "--watch", "--watch-timeout", "1500"], stack["env"], timeout=1600)
-        logs = "\n".join(p.read_text(errors="replace")[-3000:] for w in stack["workers"] for p in (w.log, w.stdout)
-                         if p.exists())
-        assert r.returncode == 0, f"{r.stdout[-4000:]}\n{r.stderr[-2000:]}\n--- workers ---\n{logs}"
-        run_id = next(l for l in r.stdout.splitlines() if "UUID:" in l).split("UUID:")[1].strip()
+        run_id = _deployment_run(stack, deployment="distill-diffusion/local", params=params)
         trains = _train_runs(stack, run_id)
         assert sorted(t["name"] for t in trains) == ["baseline", "consistency", "progressive-2", "progressive-4",
                                                      "teacher"]

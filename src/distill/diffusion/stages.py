@@ -25,7 +25,7 @@ from typing import Any, Optional
 import torch
 
 from ..files import atomic_write_json, sha256_json
-from ..image.data import load_prepared
+from ..image.data import load_prepared, read_manifest
 from ..image.stages import manifest_sha256
 from ..image.stages import prepare as _prepare_images
 from ..stage_output import claim_out_dir
@@ -97,10 +97,6 @@ def stage_fingerprint(role: str, cfg: DiffusionLabConfig, *, data_sha256: str, k
     return fp
 
 
-def _teacher_unet(cfg: DiffusionLabConfig, x_train: torch.Tensor):
-    if cfg.teacher.source != "train":
-        return load_external_teacher(cfg.teacher.source, cfg), False
-    return build_unet(cfg.teacher.model, image_size=x_train.shape[-1], channels=x_train.shape[1]), True
 
 
 def _step_loss(role: str, cfg: DiffusionLabConfig, kd: Optional[dict], schedule: Schedule, teacher):
@@ -140,16 +136,16 @@ def train(role: str, cfg: DiffusionLabConfig, data_dir, out_dir, *, teacher_dir=
                            teacher_sha256=teacher_meta["weights_sha256"] if teacher_meta else None)
     claim_out_dir(out_dir, fp, resume, outputs=OUTPUTS, config_name=META_NAME, fresh_hint="--no-resume (resume=False)")
     schedule = schedule_of(cfg)
-    x_train = load_images(data_dir, "train", cfg)
     res: dict[str, Any] = {"role": role, "steps": own_steps(role, cfg, kd), "sampler": sampler_of(role, kd)}
     history: list[dict] = []
     if role == "baseline":
         unet = teacher
     elif role == "teacher" and cfg.teacher.source != "train":
-        unet, _ = _teacher_unet(cfg, x_train)
-    else:
+        unet = load_external_teacher(cfg.teacher.source, cfg)
+    else:  # only the stages that train read the training split
+        x_train = load_images(data_dir, "train", cfg)
         if role == "teacher":
-            unet, _ = _teacher_unet(cfg, x_train)
+            unet = build_unet(cfg.teacher.model, image_size=x_train.shape[-1], channels=x_train.shape[1])
             tcfg = cfg.teacher.train
         else:
             unet = _copy_unet(teacher)
@@ -218,9 +214,9 @@ def generate(unet, meta: dict, noise: torch.Tensor, steps: int, *, batch_size: i
 def _reference_features(data_dir, split: str, n: Optional[int], cfg: DiffusionLabConfig, inception, device) -> torch.Tensor:
     """Inception features of (the first ``n`` images of) a split, cached next to the prepared data by the data
     manifest, the transform, ``n`` and the Inception weights."""
-    real = load_images(data_dir, split, cfg)
-    real = real[: n or real.shape[0]]
-    key = sha256_json({"data": manifest_sha256(data_dir), "split": split, "n": int(real.shape[0]),
+    total = int(read_manifest(data_dir)["counts"][split]["total"])
+    count = min(n or total, total)
+    key = sha256_json({"data": manifest_sha256(data_dir), "split": split, "n": count,
                        "size": cfg.data.image_size, "channels": cfg.data.channels,
                        "inception": metrics.INCEPTION_SHA256})[:24]
     cache = Path(cfg.data.cache_dir) / "fid-reference" / f"{key}.safetensors"
@@ -231,6 +227,7 @@ def _reference_features(data_dir, split: str, n: Optional[int], cfg: DiffusionLa
             return load_file(str(cache))["features"]
         except Exception:  # noqa: BLE001 - a damaged cache entry is recomputed
             cache.unlink(missing_ok=True)
+    real = load_images(data_dir, split, cfg)[:count]  # decoded and verified only when the cache misses
     feats = metrics.inception_features(inception, real, batch_size=cfg.eval.inception_batch, device=device)
     from ..checkpoint import save_tensors_atomic
 

@@ -48,9 +48,7 @@ def resolve_runtime(cfg: DiffTrainConfig) -> Runtime:
         raise RuntimeError("device='cuda' was requested but CUDA is not available")
     dev = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
     cuda = dev.type == "cuda"
-    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)
-    if amp and not cuda:
-        amp = cfg.amp == "bf16"  # bf16 on CPU only when asked for explicitly
+    amp = cfg.amp == "bf16" or (cfg.amp == "auto" and cuda)  # bf16 on CPU only when asked for explicitly
     cl = cfg.channels_last == "on" or (cfg.channels_last == "auto" and cuda)
     return Runtime(dev, amp, cl)
 
