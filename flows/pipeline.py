@@ -23,8 +23,8 @@ from prefect.runtime import flow_run
 from distill.files import sha256_json
 from distill.kinds import INIT_NAME, Kind, Member, get_kind
 from tasks.lab import (
-    INTEGRITY_MARKERS, TrainJob, git_commit, measure_speed, not_integrity_error, prefect_run_alive, prepare_data,
-    stage_key, stage_result, work_dir,
+    INTEGRITY_MARKERS, TrainJob, git_commit, measure_speed, not_integrity_error, prefect_run_alive,
+    prepare_data, stage_key, stage_result, work_dir,
 )
 from tasks.registry import register_models
 from tasks.report import artifact_markdown, build_report, fetch_sample_files, formatted_rows
@@ -298,13 +298,15 @@ class _Run:
         self.log = get_run_logger()
 
     def job(self, role: str, name: str, data: dict, *, kd: Optional[dict] = None, teacher: Optional[dict] = None,
-            init: Optional[dict] = None, speed: bool = False, eval_teacher: Optional[dict] = None) -> TrainJob:
+            init: Optional[dict] = None, speed: bool = False, eval_teacher: Optional[dict] = None,
+            seed: Optional[int] = None) -> TrainJob:
         """``teacher``: what the stage learns from (keyed on its weights); ``eval_teacher``: what its evaluation
-        compares with when that is another model (the run's teacher, for a member learning from a member)."""
+        compares with when that is another model (the run's teacher, for a member learning from a member);
+        ``seed``: of the initial weights, for a kind that trains replicas per seed."""
         key = stage_key(self.kind, role, self.cfg, data_manifest_sha256=data["manifest_sha256"], kd=kd,
                         teacher_weights_sha256=teacher["weights_sha256"] if teacher else None,
-                        init_weights_sha256=init["weights_sha256"] if init else None, salt=self.salt)
-        return TrainJob(
+                        init_weights_sha256=init["weights_sha256"] if init else None, salt=self.salt, seed=seed)
+        return TrainJob(seed=seed,
             kind=self.kind.name, role=role, name=name, lab=self.lab, kd=kd, data_key=data["data_key"],
             out_prefix=f"stages/{key}", teacher_prefix=teacher["model_prefix"] if teacher else None,
             init_prefix=init["model_prefix"] if init else None, store_url=self.store_url,
@@ -313,6 +315,16 @@ class _Run:
             speed=speed, keep_checkpoints=self.params.keep_checkpoints, tags={"prefect_flow_run_id": self.run_id, "git_commit": self.commit,
                                "data_manifest_sha256": data["manifest_sha256"]},
         )
+
+    def group_job(self, name: str, members: list[Member], data: dict, teacher: dict) -> TrainJob:
+        """One lockstep stage for ``members`` (``Kind.train_group``): each member keeps the stage prefix it would
+        have alone; the group's own prefix (its checkpoints) is keyed on those."""
+        keys = [self.job(m.role, m.name, data, kd=m.kd, teacher=teacher, seed=m.seed).out_prefix for m in members]
+        gkey = sha256_json({"group": [[m.name, k] for m, k in zip(members, keys)]})[:32]
+        spec = [{"role": m.role, "name": m.name, "kd": m.kd, "seed": m.seed, "out_prefix": k}
+                for m, k in zip(members, keys)]
+        return self.job("baseline", name, data, teacher=teacher).model_copy(
+            update={"role": "group", "members": spec, "out_prefix": f"stages/{gkey}"})
 
     def single(self, job: TrainJob, what: str) -> dict:
         """One stage, reused when a completed stage with the same key verifies in the store."""
@@ -378,7 +390,8 @@ def _stages(r: _Run) -> dict:
         res = done[m.name]
         # reused: found complete here, or by the stage itself (another run completed it meanwhile)
         results[m.name] = {**res, "name": m.name, "role": m.role, "main": m.main, "sweep": m.sweep,
-                           "teacher_name": m.teacher or "teacher", "reused": m.name in reused or bool(res.get("reused"))}
+                           "teacher_name": m.teacher or "teacher", "reused": m.name in reused or bool(res.get("reused")),
+                           **({"seed": m.seed, "replica_of": m.replica_of} if m.replica_of is not None else {})}
     if reused:
         r.notes.append(f"completed earlier with the same data, config and code, reused: {', '.join(sorted(reused))}")
     for name, res in results.items():
@@ -392,21 +405,66 @@ def _stages(r: _Run) -> dict:
 def _run_members(r: _Run, members: list[Member], data: dict, teacher: dict,
                  init: Optional[dict]) -> tuple[dict[str, dict], set[str]]:
     """Every member of the plan, each keyed by its own work: one that learns from another member is keyed on (and
-    started after) that member's result; a completed stage with the same key is reused. Returns the results
+    started after) that member's result; members of one ``group`` train together in one lockstep stage (when the
+    kind has ``train_group``); a completed stage with the same key is reused. Returns the results by member name
     and the names found complete before anything ran."""
     reused: set[str] = set()
+    groups = _groups(r.kind, members)
+    units, seen = [], set()
+    for m in members:
+        if m.group in groups:
+            if m.group not in seen:
+                units.append(Member(role="group", name=m.group))
+                seen.add(m.group)
+        else:
+            units.append(m)
+
+    found_in_groups: dict[str, dict] = {}
 
     def build(m: Member, so_far: dict[str, dict]) -> Any:
+        if m.role == "group":  # members completed earlier (alone or in any group) are reused; the rest train
+            todo = []
+            for g in groups[m.name]:
+                found = stage_result(r.store, r.job(g.role, g.name, data, kd=g.kd, teacher=teacher, seed=g.seed).out_prefix)
+                if found is None:
+                    todo.append(g)
+                else:
+                    found_in_groups[g.name] = found
+                    reused.add(g.name)
+            return r.group_job(m.name, todo, data, teacher) if todo else Reused({"members": {}})
         job = r.job(m.role, m.name, data, kd=m.kd, teacher=so_far[m.teacher] if m.teacher else teacher, init=init,
-                    eval_teacher=teacher if m.teacher else None)
+                    eval_teacher=teacher if m.teacher else None, seed=m.seed)
         found = stage_result(r.store, job.out_prefix)
         if found is None:
             return job
         reused.add(m.name)
         return Reused(found)
 
-    done = schedule_members(members, build, stage_submitter(r.params.train_pool), r.params.max_parallel)
-    return done, reused
+    done = schedule_members(units, build, stage_submitter(r.params.train_pool), r.params.max_parallel)
+    out: dict[str, dict] = {}
+    for m in members:  # in the plan's order
+        if m.group in groups:
+            res = found_in_groups.get(m.name) or done[m.group]["members"][m.name]
+            out[m.name] = {**res, "reused": bool(m.name in found_in_groups or done[m.group].get("reused"))}
+        else:
+            out[m.name] = done[m.name]
+    return out, reused
+
+
+def _groups(kind: Kind, members: list[Member]) -> dict[str, list[Member]]:
+    """{group name: its members} when the kind trains groups; a grouped member must learn from the teacher."""
+    if kind.train_group is None:
+        return {}
+    groups: dict[str, list[Member]] = {}
+    names = {m.name for m in members}
+    for m in members:
+        if m.group is None:
+            continue
+        if m.teacher is not None or m.role not in ("baseline", "student") or m.group in names:
+            raise ValueError(f"member {m.name!r} cannot train in group {m.group!r}: a group holds baselines and "
+                             f"students of the run's teacher, and its name is no member's")
+        groups.setdefault(m.group, []).append(m)
+    return groups
 
 
 def _speed_pass(r: _Run, data: dict, results: dict[str, dict]) -> None:
@@ -427,6 +485,15 @@ def _speed_pass(r: _Run, data: dict, results: dict[str, dict]) -> None:
             r.tracker.log_metrics(res["mlflow_run_id"], {k: v for k, v in s.items() if isinstance(v, (int, float))})
 
 
+def _paired_baseline(results: dict[str, dict], res: dict) -> dict:
+    """The baseline trained with the same seed as ``res`` (same initial weights and batches), else ``baseline``."""
+    if res.get("seed") is not None:
+        for other in results.values():
+            if other.get("replica_of") == "baseline" and other.get("seed") == res["seed"]:
+                return other
+    return results["baseline"]
+
+
 def _main_student(results: dict[str, dict]) -> str:
     return next((n for n, res in results.items() if res.get("main")), "student")
 
@@ -437,8 +504,8 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
     sizes = {name: res["test"].get("n_images", res["test"].get("n_tokens")) for name, res in results.items()}
     if len(set(sizes.values())) != 1:  # every model was evaluated on the same held-out split
         raise RuntimeError(f"models were evaluated on different test splits: {sizes}")
-    base = results["baseline"]["test"].get(tm.key)
     for res in results.values():
+        base = _paired_baseline(results, res)["test"].get(tm.key)
         if res["role"] == "student" and base is not None and res.get("mlflow_run_id") and not res.get("reused"):
             tracker.log_metrics(res["mlflow_run_id"], {"kd_gain": tm.gain(res["test"][tm.key], base)})
 

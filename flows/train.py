@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import os
 import socket
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 
 from prefect import flow
 from prefect.runtime import flow_run
 
 from tasks.lab import (
-    STAGE_LOCK_TTL, TrainJob, drop_checkpoints, evaluate_stage, stage_result, start_stage_run, train_stage,
+    STAGE_LOCK_TTL, TrainJob, drop_checkpoints, evaluate_stage, group_result, stage_result, start_stage_run,
+    train_group_stage, train_stage,
 )
 from tasks.storage import open_store
 from tasks.tracking import Tracker
@@ -27,6 +28,8 @@ STAGE_LOCK_TIMEOUT = float(os.environ.get("DISTILL_STAGE_LOCK_TIMEOUT", 6 * 3600
 
 @flow(name="distill-train", log_prints=True, flow_run_name="{job.name}")
 def distill_train(job: TrainJob) -> dict:
+    if job.members:
+        return _group(job)
     store = open_store(job.store_url)
     with store.lock(f"locks/{job.out_prefix}", ttl=STAGE_LOCK_TTL, timeout=STAGE_LOCK_TIMEOUT):
         done = stage_result(store, job.out_prefix)
@@ -52,6 +55,42 @@ def distill_train(job: TrainJob) -> dict:
         drop_checkpoints(store, job)
         key = job.kind_and_config()[0].test_metric.key
         print(f"{job.name}: stage done ({job.role}); held-out {key} {metrics.get(key, float('nan')):.4f}")
+    return result
+
+
+def _group(job: TrainJob) -> dict:
+    """A lockstep group stage: one training of every member together, then each member evaluated as a stage of
+    its own (``<prefix>/<name>``), each with its own nested MLflow run. result.json holds every member's result."""
+    store = open_store(job.store_url)
+    views = job.member_views()
+    names = [v.name for v in views]
+    with store.lock(f"locks/{job.out_prefix}", ttl=STAGE_LOCK_TTL, timeout=STAGE_LOCK_TIMEOUT):
+        done = group_result(store, job)
+        if done is not None:
+            print(f"{job.name}: completed earlier ({store.uri(job.out_prefix)}); reused")
+            return {**done, "reused": True}
+        fr_id = str(flow_run.id) if flow_run.id else None
+        tracker = Tracker(job.tracking_uri, job.experiment) if job.tracking_uri else None
+        run_ids = {v.name: (start_stage_run(v, tracker, fr_id) if tracker else None) for v in views}
+        with ExitStack() as scopes:
+            for run_id in run_ids.values():
+                if run_id:
+                    scopes.enter_context(tracker.run_scope(run_id))
+            trained = train_group_stage.with_options(task_run_name=_run_name("train", job.name))(job, run_ids)
+            executed_by = {"host": socket.gethostname(), "flow_run_id": fr_id or "", "pool": _pool(),
+                           "worker": os.environ.get("DISTILL_WORKER_NAME")}
+            members = {}
+            for v in views:  # each member completes as the stage it would be alone (its own result.json)
+                metrics = evaluate_stage.with_options(task_run_name=_run_name("evaluate", v.name))(v, trained[v.name])
+                members[v.name] = {**trained[v.name], "test": metrics, "out_prefix": v.out_prefix,
+                                   "data_key": job.data_key, "reused": False, "executed_by": executed_by}
+                store.put_json(members[v.name], f"{v.out_prefix}/result.json")
+            result = {"members": members, "out_prefix": job.out_prefix, "reused": False, "executed_by": executed_by}
+            store.put_json(result, f"{job.out_prefix}/result.json")
+        drop_checkpoints(store, job)
+        key = job.kind_and_config()[0].test_metric.key
+        print(f"{job.name}: group stage done ({len(views)} models); held-out {key}: " + ", ".join(
+            f"{n} {members[n]['test'].get(key, float('nan')):.4f}" for n in names))
     return result
 
 

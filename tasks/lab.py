@@ -29,7 +29,7 @@ from typing import Any, Literal, Optional
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 import distill
 from distill import home
@@ -56,7 +56,7 @@ class TrainJob(BaseModel):
     credentials: the tracking URI is the redacted one, and workers take credentials from their environment."""
 
     kind: str = Field("cifar", description="distillation kind (distill.kinds): cifar, lm")
-    role: Literal["teacher", "init", "baseline", "student"]
+    role: Literal["teacher", "init", "baseline", "student", "group"]
     name: str = Field(description="stage name, e.g. teacher, baseline, student, sweep-T4-a0.7")
     lab: dict = Field(description="the kind's config (validated by its config model)")
     kd: Optional[dict] = None
@@ -74,6 +74,30 @@ class TrainJob(BaseModel):
     speed: bool = True
     keep_checkpoints: bool = Field(False, description="keep the training checkpoints once the stage is complete")
     tags: dict[str, str] = Field(default_factory=dict)
+    seed: Optional[int] = Field(None, ge=0, description="seed of the initial weights (kinds that train replicas per seed)")
+    members: Optional[list[dict]] = Field(
+        None, description="role 'group': the members trained together in this stage, each {role, name, kd, seed}")
+
+    @model_validator(mode="after")
+    def _group(self):
+        if (self.role == "group") != bool(self.members):
+            raise ValueError("role 'group' and members go together: a group job lists its members, no other job does")
+        for m in self.members or []:
+            if (not isinstance(m, dict) or set(m) - {"role", "name", "kd", "seed", "out_prefix"}
+                    or m.get("role") not in ("baseline", "student") or not m.get("out_prefix")):
+                raise ValueError(f"group member {m!r}: a dict with role (baseline or student), name, kd, seed and "
+                                 f"out_prefix (the member's own stage prefix)")
+            self._name(str(m.get("name")))
+            self._key(str(m["out_prefix"]))
+        return self
+
+    def member_views(self) -> list["TrainJob"]:
+        """A group job's members as the single-stage jobs they would be alone (their own content-addressed
+        ``out_prefix``): a member trained in a group is published, evaluated and reused exactly as one trained
+        alone."""
+        return [self.model_copy(update={"role": m["role"], "name": m["name"], "kd": m.get("kd"), "seed": m.get("seed"),
+                                        "members": None, "out_prefix": m["out_prefix"]})
+                for m in self.members or []]
 
     @field_validator("kind")
     @classmethod
@@ -160,11 +184,11 @@ def git_commit() -> str:
 
 def stage_key(kind: Kind, role: str, cfg: Any, *, data_manifest_sha256: str, kd: Optional[dict] = None,
               teacher_weights_sha256: Optional[str] = None, init_weights_sha256: Optional[str] = None,
-              salt: Optional[str] = None) -> str:
+              salt: Optional[str] = None, seed: Optional[int] = None) -> str:
     """The content key of one stage's work: same key, same result. ``salt`` (e.g. a flow run id when the user
     asks for fresh training) makes the work unique."""
     doc = kind.fingerprint(role, cfg, data_sha256=data_manifest_sha256, kd=kd, teacher_sha256=teacher_weights_sha256,
-                           init_sha256=init_weights_sha256)
+                           init_sha256=init_weights_sha256, **({"seed": seed} if seed is not None else {}))
     # a baseline trains without the teacher, but its stored result holds its agreement with the teacher
     evaluated_against = teacher_weights_sha256 if role in ("baseline", "init") else None
     return sha256_json({"kind": kind.name, "stage": doc, "code": code_version(kind.name), "salt": salt,
@@ -233,6 +257,15 @@ def stage_result(store: Store, prefix: str) -> Optional[dict]:
         store.delete(key)
         delete_prefix(store, f"{prefix}/model")
         return None
+
+
+def group_result(store: Store, job: TrainJob) -> Optional[dict]:
+    """The results of a lockstep group whose every member is a completed stage (:func:`stage_result`, under the
+    member's own prefix), as ``{"members": {name: result}}``; else None."""
+    found = {v.name: stage_result(store, v.out_prefix) for v in job.member_views()}
+    if any(r is None for r in found.values()):
+        return None
+    return {"members": found}
 
 
 def drop_checkpoints(store: Store, job: TrainJob) -> None:
@@ -439,6 +472,7 @@ def train_stage(job: TrainJob, run_id: Optional[str] = None) -> dict:
         job.role, cfg, data_dir, out_dir, teacher_dir=teacher_dir, init_dir=init_dir, kd=job.kd,
         log_fn=_progress_log_fn(tracker, run_id, _total_steps(cfg, job), job.name),
         on_checkpoint=_mirror_checkpoints(store, job.out_prefix), resume=True,
+        **({"seed": job.seed} if job.seed is not None else {}),
     )
     resumed = res.get("resumed_from_epoch") or res.get("resumed_from_step")
     if tracker is not None and resumed and (out_dir / "history.json").exists():
@@ -449,6 +483,42 @@ def train_stage(job: TrainJob, run_id: Optional[str] = None) -> dict:
     res.update({"model_prefix": model_prefix, "mlflow_run_id": run_id, "name": job.name, "role": job.role,
                 "kind": job.kind, "weights_sha256": kind.weights_sha256(out_dir), "stage_key": job.out_prefix,
                 "model_uri": store.uri(model_prefix)})
+    return res
+
+
+@task(name="train-group", retries=1, retry_delay_seconds=2, retry_condition_fn=not_integrity_error)
+def train_group_stage(job: TrainJob, run_ids: dict[str, Optional[str]]) -> dict[str, dict]:
+    """Train a lockstep group (``job.members``) in one stage: one checkpoint of the whole group per epoch in the
+    store (a retry resumes from it), then each member's model folder published under its own stage prefix.
+    ``run_ids``: each member's MLflow run (its epochs are logged there). Returns {name: result}."""
+    log = _logger()
+    out_dir = stage_dir(job.out_prefix)
+    store = open_store(job.store_url)
+    kind, cfg = job.kind_and_config()
+    if kind.train_group is None:
+        raise ValueError(f"kind {kind.name!r} has no lockstep groups")
+    data_dir = fetch_dir(store, job.data_key, "data")
+    students = any(m["role"] == "student" for m in job.members or [])
+    teacher_dir = fetch_dir(store, job.teacher_prefix, "models") if (job.teacher_prefix and students) else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    restored = _restore_checkpoint(store, job.out_prefix, out_dir / "checkpoints")
+    if restored:
+        log.info("%s: resuming from checkpoint %s of %s", job.name, restored, store.uri(job.out_prefix))
+    tracker = Tracker(job.tracking_uri, job.experiment) if job.tracking_uri else None
+    total = _total_steps(cfg, job)
+    log_fns = {v.name: _progress_log_fn(tracker if run_ids.get(v.name) else None, run_ids.get(v.name), total, v.name)
+               for v in job.member_views()}
+    res = kind.train_group(cfg, data_dir, out_dir, job.members, teacher_dir=teacher_dir, log_fns=log_fns,
+                           on_checkpoint=_mirror_checkpoints(store, job.out_prefix), resume=True)
+    for v in job.member_views():
+        r, folder, run_id = res[v.name], out_dir / v.name, run_ids.get(v.name)
+        if tracker is not None and run_id and r.get("resumed_from_epoch") and (folder / "history.json").exists():
+            log_history(tracker, run_id, json.loads((folder / "history.json").read_text()), r["resumed_from_epoch"])
+        model_prefix = f"{v.out_prefix}/model"
+        upload_model(store, folder, model_prefix)
+        r.update({"model_prefix": model_prefix, "mlflow_run_id": run_id, "name": v.name, "role": v.role,
+                  "kind": job.kind, "weights_sha256": kind.weights_sha256(folder), "stage_key": v.out_prefix,
+                  "model_uri": store.uri(model_prefix), "group": job.name})
     return res
 
 

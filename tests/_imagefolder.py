@@ -159,6 +159,7 @@ def tiny_overrides(source, cache, n_train: int = 40, n_test: int = 10, **extra) 
         "student_train": {"epochs": 2, "batch_size": 30},
         "sweep": {"temperatures": [1.0, 4.0]},
         "eval": {"latency_runs": 2, "throughput_runs": 1, "warmup_runs": 1, "throughput_batch": 16},
+        "seeds": [0],  # one seed unless a test asks for replicas
     }
     ov.update(extra)
     return ov

@@ -249,7 +249,7 @@ def test_run_members_keys_a_dependant_on_its_teacher_members_result(monkeypatch)
     store for a completed stage with that key, and reports which were reused."""
     jobs: dict[str, dict] = {}
 
-    def job(role, name, data, *, kd=None, teacher=None, init=None, eval_teacher=None):
+    def job(role, name, data, *, kd=None, teacher=None, init=None, eval_teacher=None, seed=None):
         jobs[name] = {"teacher": teacher, "init": init, "eval_teacher": eval_teacher}
         return SimpleNamespace(name=name, out_prefix=f"stages/{name}-{teacher['weights_sha256']}")
 
@@ -269,7 +269,8 @@ def test_run_members_keys_a_dependant_on_its_teacher_members_result(monkeypatch)
             return sim_results[self.job.name]
 
     monkeypatch.setattr(pipeline, "stage_submitter", lambda pool: Done)
-    r = SimpleNamespace(job=job, store=None, params=SimpleNamespace(train_pool=None, max_parallel=2))
+    r = SimpleNamespace(job=job, store=None, params=SimpleNamespace(train_pool=None, max_parallel=2),
+                        kind=SimpleNamespace(train_group=None))
     teacher = {"weights_sha256": "w-teacher", "model_prefix": "stages/t/model"}
     members = progressive_plan()
     done, reused = pipeline._run_members(r, members, {"manifest_sha256": "d"}, teacher, {"weights_sha256": "i"})
@@ -573,3 +574,48 @@ def test_teacher_line_without_step_count(tmp_path, fake_kind):
     del results["teacher"]["test"]["steps"]
     results["teacher"]["test"]["fid"] = math.nan
     assert report.plot_quality_vs_steps(kind, results, tmp_path / "q.png") == tmp_path / "q.png"
+
+
+def test_run_members_trains_a_group_in_one_stage_and_reuses_its_completed_members(monkeypatch):
+    """Members of one group: those completed earlier (under the key they would have alone) are reused, the rest
+    train together in one group job; the group's results come back under each member's name, in the plan's order."""
+    stored = {"stages/baseline-0": {"weights_sha256": "w-b", "model_prefix": "stages/baseline-0/model"}}
+    monkeypatch.setattr(pipeline, "stage_result", lambda store, prefix: stored.get(prefix))
+    submitted = []
+
+    class Done:
+        def __init__(self, job):
+            submitted.append(job)
+            self.job = job
+
+        def done(self):
+            return True
+
+        def result(self):
+            if self.job.members:
+                return {"members": {m["name"]: {"prefix": f"g/{m['name']}"} for m in self.job.members}}
+            return {"prefix": self.job.name}
+
+    def job(role, name, data, *, kd=None, teacher=None, init=None, eval_teacher=None, seed=None):
+        return SimpleNamespace(name=name, out_prefix=f"stages/{name}-{seed}", members=None)
+
+    def group_job(name, members, data, teacher):
+        return SimpleNamespace(name=name, members=[{"name": m.name, "seed": m.seed} for m in members])
+
+    monkeypatch.setattr(pipeline, "stage_submitter", lambda pool: Done)
+    r = SimpleNamespace(job=job, group_job=group_job, store=None, kind=SimpleNamespace(train_group=lambda: None),
+                        params=SimpleNamespace(train_pool=None, max_parallel=2))
+    members = [Member("baseline", "baseline", seed=0, replica_of="baseline", group="lockstep"),
+               Member("student", "student", kd={"temperature": 4.0}, seed=0, replica_of="student", group="lockstep"),
+               Member("student", "alone", kd={"temperature": 2.0}),
+               Member("baseline", "baseline-s1", seed=1, replica_of="baseline", group="lockstep")]
+    done, reused = pipeline._run_members(r, members, {"manifest_sha256": "d"}, {"weights_sha256": "t"}, None)
+    assert reused == {"baseline"}
+    groups = [j for j in submitted if j.members]
+    assert len(groups) == 1 and [m["name"] for m in groups[0].members] == ["student", "baseline-s1"]
+    assert [j.name for j in submitted if not j.members] == ["alone"]
+    assert list(done) == ["baseline", "student", "alone", "baseline-s1"]
+    assert done["baseline"]["reused"] is True and done["student"] == {"prefix": "g/student", "reused": False}
+    with pytest.raises(ValueError, match="cannot train in group"):
+        pipeline._run_members(r, [Member("student", "x", group="g", teacher="y"), Member("student", "y")],
+                              {"manifest_sha256": "d"}, {"weights_sha256": "t"}, None)

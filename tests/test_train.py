@@ -255,7 +255,8 @@ def test_stage_fingerprint_is_deterministic_and_covers_the_result(lab):
 
     doc = fp()
     assert json.loads(json.dumps(doc)) == doc
-    assert set(doc) == {"fingerprint_version", "role", "model", "train", "kd", "data_manifest_sha256", "teacher_weights_sha256"}
+    assert set(doc) == {"fingerprint_version", "role", "model", "train", "kd", "data_manifest_sha256", "teacher_weights_sha256",
+                        "init_seed"}
     again = _tiny_cfg(lab["src"], lab["cache"])  # an equal config built separately
     assert sha256_json(fp(c=again)) == sha256_json(doc)
     # what does not change the result does not change the fingerprint

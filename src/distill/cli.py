@@ -147,6 +147,10 @@ def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def seed_table(kind, results: dict) -> str:
+    return ""  # TODO(seedstats)
+
+
 def run_lab(kind, cfg, out: Path) -> dict:
     """The kind's stages, in-process, with no orchestration: prepare, teacher, init (if the kind has one),
     baseline and the main student (with the members it learns from, e.g. earlier progressive rounds), then
@@ -162,9 +166,22 @@ def run_lab(kind, cfg, out: Path) -> dict:
         init_dir = out / INIT_NAME
         results[INIT_NAME] = {**kind.train("init", cfg, data_dir, init_dir, teacher_dir=t_dir), "role": "init"}
     plan = {m.name: m for m in kind.plan(cfg)}
+    dirs = {"teacher": t_dir, **({INIT_NAME: init_dir} if init_dir else {})}
+    groups: dict[str, list] = {}
+    if kind.train_group is not None:  # lockstep groups train whole: the sweep and the seeds come with them
+        for m in plan.values():
+            if m.group is not None:
+                groups.setdefault(m.group, []).append(m)
+    for group, members in groups.items():
+        spec = [{"role": m.role, "name": m.name, "kd": m.kd, "seed": m.seed} for m in members]
+        trained = kind.train_group(cfg, data_dir, out / group, spec, teacher_dir=t_dir)
+        for m in members:
+            results[m.name] = {**trained[m.name], "role": m.role, "main": m.main, "sweep": m.sweep,
+                               **({"seed": m.seed, "replica_of": m.replica_of} if m.replica_of is not None else {})}
+            dirs[m.name] = out / group / m.name
     wanted: list[str] = []
     for m in plan.values():  # the baseline, the main student and the members it learns from (progressive rounds)
-        chain, name = [], (m.name if (m.role == "baseline" or m.main) else None)
+        chain, name = [], (m.name if m.group not in groups and (m.role == "baseline" or m.main) else None)
         while name is not None and name not in wanted:
             chain.append(name)
             name = plan[name].teacher
@@ -172,13 +189,18 @@ def run_lab(kind, cfg, out: Path) -> dict:
     for name in wanted:
         m = plan[name]
         teacher_dir = out / m.teacher if m.teacher else t_dir
-        res = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=teacher_dir, init_dir=init_dir, kd=m.kd)
+        res = kind.train(m.role, cfg, data_dir, out / m.name, teacher_dir=teacher_dir, init_dir=init_dir, kd=m.kd,
+                         **({"seed": m.seed} if m.seed is not None else {}))
         results[m.name] = {**res, "role": m.role}
+        dirs[m.name] = out / m.name
     for name, res in results.items():
-        res["test"] = kind.evaluate(out / name, data_dir, cfg, teacher_dir=None if name == "teacher" else t_dir)
+        res["test"] = kind.evaluate(dirs[name], data_dir, cfg, teacher_dir=None if name == "teacher" else t_dir)
     table = markdown_table(kind.columns, comparison_rows(kind, results))
-    (out / "report.md").write_text(table + "\n")
+    seeds = seed_table(kind, results)
+    (out / "report.md").write_text(table + "\n" + (f"\n{seeds}\n" if seeds else ""))
     print(table)
+    if seeds:
+        print(f"\n{seeds}")
     return {"prepare": prep["manifest_sha256"], "results": results}
 
 

@@ -21,6 +21,7 @@ Contract of the functions (``cfg`` is the kind's validated config model, ``kd`` 
 - ``evaluate(model_dir, data_dir, cfg, *, split, teacher_dir, speed, out_path) -> dict``: flat JSON metrics
   of the held-out split, including ``test_metric.key``.
 - ``speed(model_dir, data_dir, cfg) -> dict``: speed metrics alone (measured when nothing else trains).
+- ``train_group(...)`` (optional): several members of one ``Member.group`` in one stage (see the field).
 - ``weights_sha256(model_dir) -> str``: the checksum a later stage records as its teacher / init.
 - ``load_model(model_dir)``: the model object (for registration).
 """
@@ -107,6 +108,12 @@ class Member:
     #: the name of an earlier member whose output is this member's teacher (a progressive-distillation round
     #: learns from the previous round); None: the run's teacher
     teacher: Optional[str] = None
+    #: the seed of the member's initial weights when the kind trains replicas per seed (None: the kind's default)
+    seed: Optional[int] = None
+    #: the name of the first seed's member this one replicates (itself for the first seed); None: no replicas
+    replica_of: Optional[str] = None
+    #: members with the same group train together in one stage (``Kind.train_group``: lockstep on shared batches)
+    group: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -134,6 +141,10 @@ class Kind:
     sweep_axes: tuple[str, Optional[str]] = ("", None)
     #: fields of ``train``'s result and of the stage fingerprint used to check batch sizes, etc.
     extras: dict = field(default_factory=dict)
+    #: ``train_group(cfg, data_dir, out_dir, members, *, teacher_dir, log_fns, on_checkpoint, resume)`` trains the
+    #: members of one ``Member.group`` together (``members``: ``{"role", "name", "kd", "seed"}``), writing
+    #: ``out_dir/<name>/`` per member, and returns {name: metrics}; None: the kind has no groups
+    train_group: Optional[Callable[..., dict]] = None
 
     def batch_errors(self, cfg: Any, n_train: int) -> list[str]:
         fn = self.extras.get("batch_errors")
@@ -168,15 +179,17 @@ def kind_names() -> list[str]:
 def comparison_rows(kind: Kind, results: dict[str, dict]) -> list[dict]:
     """One flat row per model: its validation metric, its held-out metrics, and
 
-    - ``gain``: how much better than the baseline on the kind's test metric (students and baseline), in the
-      metric's units (accuracy points as a fraction; perplexity, lower is better, as a positive number);
+    - ``gain``: how much better than the baseline (of the same seed, for replicas) on the kind's test metric
+      (students), in the metric's units (accuracy points as a fraction; perplexity, lower is better, as a positive number);
     - ``gap_closed``: with an init stage (the student before training), the share of the init -> teacher gap
       on the test metric that the model closed (0 = no better than its starting point, 1 = as good as the
       teacher).
 
     ``results``: {name: {"role": ..., <selection key>: ..., "test": {...}}}."""
     tm = kind.test_metric
-    base = results.get("baseline", {}).get("test", {}).get(tm.key)
+    base_any = results.get("baseline", {}).get("test", {}).get(tm.key)
+    base_of_seed = {r.get("seed"): r.get("test", {}).get(tm.key) for r in results.values()
+                    if r.get("replica_of") == "baseline"}
     teacher = results.get("teacher", {}).get("test", {}).get(tm.key)
     init = next((r.get("test", {}).get(tm.key) for r in results.values() if r.get("role") == "init"), None)
     rows = []
@@ -185,6 +198,8 @@ def comparison_rows(kind: Kind, results: dict[str, dict]) -> list[dict]:
         row = {"model": name, "role": r.get("role"), kind.selection.key: r.get(kind.selection.key)}
         row.update({k: v for k, v in t.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)})
         x = t.get(tm.key)
+        # paired: a replica of seed s is compared with the baseline of seed s (same initial weights and batches)
+        base = base_of_seed.get(r["seed"], base_any) if r.get("replica_of") is not None else base_any
         row["gain"] = tm.gain(x, base) if (base is not None and x is not None and r.get("role") == "student") else None
         if init is not None and teacher is not None and x is not None and r.get("role") in ("baseline", "student", "init"):
             span = tm.gain(teacher, init)

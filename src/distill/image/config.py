@@ -30,6 +30,7 @@ Epochs = Annotated[int, Field(ge=1, le=1000)]
 BatchSize = Annotated[int, Field(ge=1, le=65536)]
 ImageCount = Annotated[int, Field(ge=1, le=10_000_000)]
 SWEEP_MAX = 32  # members per sweep list
+SEEDS_MAX = 20  # seeds per run
 
 MAX_PARAMETERS = 2_000_000_000  # per model, counted on the meta device when the config is built
 # model-size knobs of the registered models (resnet_small), by keyword name, checked before the model is
@@ -232,6 +233,31 @@ class LabConfig(_Strict):
     promotion_margin: float = Field(
         0.0, ge=0, le=1, description="val-accuracy margin (fraction) the student must beat the baseline by"
     )
+    seeds: list[Seed] = Field(
+        default_factory=lambda: [0], min_length=1, max_length=SEEDS_MAX, json_schema_extra={"uniqueItems": True},
+        description="every model but the teacher is trained once per seed (its initial weights); the batches "
+                    "come from student_train.seed, so the baseline and the students of one seed are paired",
+    )
+    lockstep: bool = Field(True, description="train the baseline and all students in one stage on the same batches, "
+                                             "the teacher run once per batch")
+    group_size: Optional[int] = Field(None, ge=1, le=1000, description="at most this many models per lockstep stage "
+                                                                       "(None: all in one)")
+    gate: Literal["mean", "ci_lower"] = Field(
+        "mean", description="promotion rule: mean = the student's val_acc beats the baseline's by the margin; "
+                            "ci_lower = the lower bound of the 95 % interval of the paired per-seed gain does")
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"seeds {v}: each seed must appear once")
+        return v
+
+    @model_validator(mode="after")
+    def _gate_seeds(self):
+        if self.gate == "ci_lower" and len(self.seeds) < 2:
+            raise ValueError("gate 'ci_lower' needs at least 2 seeds (an interval from one run does not exist)")
+        return self
 
     @model_validator(mode="after")
     def _sizes(self):
@@ -272,6 +298,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         kd=dict(temperature=4.0, alpha=0.7),
         sweep=dict(temperatures=[1.0, 2.0, 4.0, 8.0, 16.0], alphas=[0.7]),
         eval=dict(latency_runs=10, throughput_runs=2, warmup_runs=2),
+        seeds=[0, 1],
     ),
     # Exactly the seed document's recipe (../shared/ANCHORS.md): ResNet-34 -> ResNet-18, 15 epochs, SGD 0.1,
     # momentum 0.9, wd 5e-4, cosine per epoch, batch 128, T=4, alpha=0.7, sweep T in {1,2,4,8,16}.
@@ -295,6 +322,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         kd=dict(temperature=4.0, alpha=0.9),
         sweep=dict(temperatures=[1.0, 2.0, 4.0, 8.0, 16.0], alphas=[0.9]),
         promotion_margin=0.002,
+        seeds=[0, 1, 2],
+        gate="ci_lower",
     ),
 }
 

@@ -3,6 +3,7 @@ stage functions of :mod:`distill.image.stages`."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -22,7 +23,7 @@ def prepare(cfg: LabConfig, progress: bool = True) -> dict:
             "summary": {"classes": m["classes"], "counts": m["counts"]}}
 
 
-def plan(cfg: LabConfig) -> list[Member]:
+def _base_plan(cfg: LabConfig) -> list[Member]:
     """Baseline, the main student, then the temperature x alpha sweep (the member equal to the main student is
     the main student itself)."""
     main_kd = cfg.kd.model_dump(mode="json")
@@ -40,17 +41,40 @@ def plan(cfg: LabConfig) -> list[Member]:
     return members
 
 
+def plan(cfg: LabConfig) -> list[Member]:
+    """The base plan (:func:`_base_plan`) once per seed of ``cfg.seeds``: the first seed's members keep their
+    names, the others get ``-s<seed>``. With ``cfg.lockstep`` they all train in one lockstep stage (group
+    ``lockstep``), or in stages of at most ``cfg.group_size`` members (``lockstep-1``, ``lockstep-2``, ...)."""
+    members: list[Member] = []
+    for i, seed in enumerate(cfg.seeds):
+        suffix = "" if i == 0 else f"-s{seed}"
+        members += [replace(m, name=m.name + suffix, seed=seed, replica_of=m.name) for m in _base_plan(cfg)]
+    if cfg.lockstep:
+        size = cfg.group_size or len(members)
+        n_groups = -(-len(members) // size)
+        members = [replace(m, group="lockstep" if n_groups == 1 else f"lockstep-{i // size + 1}")
+                   for i, m in enumerate(members)]
+    return members
+
+
 def fingerprint(role: str, cfg: LabConfig, *, data_sha256: str, kd: Optional[dict] = None,
-                teacher_sha256: Optional[str] = None, init_sha256: Optional[str] = None) -> dict:
-    return stages.stage_fingerprint(role, cfg, data_manifest_sha256=data_sha256, kd=kd,
+                teacher_sha256: Optional[str] = None, init_sha256: Optional[str] = None,
+                seed: Optional[int] = None) -> dict:
+    return stages.stage_fingerprint(role, cfg, data_manifest_sha256=data_sha256, kd=kd, seed=seed,
                                     teacher_weights_sha256=teacher_sha256 if role == "student" else None)
 
 
 def train(role: str, cfg: LabConfig, data_dir, out_dir, *, teacher_dir=None, init_dir=None, kd: Optional[dict] = None,
-          log_fn=None, on_checkpoint=None, resume: bool = True) -> dict:
+          log_fn=None, on_checkpoint=None, resume: bool = True, seed: Optional[int] = None) -> dict:
     kd_cfg = KDConfig.model_validate(kd) if kd else None
     return stages.train(role, cfg, data_dir, out_dir, teacher_dir=teacher_dir if role == "student" else None,
-                        kd=kd_cfg, log_fn=log_fn, on_checkpoint=on_checkpoint, resume=resume)
+                        kd=kd_cfg, log_fn=log_fn, on_checkpoint=on_checkpoint, resume=resume, seed=seed)
+
+
+def train_group(cfg: LabConfig, data_dir, out_dir, members: list[dict], *, teacher_dir=None, log_fns=None,
+                on_checkpoint=None, resume: bool = True) -> dict[str, dict]:
+    return stages.train_group(cfg, data_dir, out_dir, members, teacher_dir=teacher_dir, log_fns=log_fns,
+                              on_checkpoint=on_checkpoint, resume=resume)
 
 
 def evaluate(model_dir, data_dir, cfg: LabConfig, *, split: str = "test", teacher_dir=None, speed: bool = True,
@@ -113,5 +137,6 @@ KIND: Kind = register_kind(Kind(
     ),
     sweep_axes=("temperature", "alpha"),
     extras={"batch_errors": _batch_errors, "input_example": stages.input_example, "model_format": "pytorch"},
+    train_group=train_group,
 ))
 

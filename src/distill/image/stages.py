@@ -46,7 +46,7 @@ from .evaluate import speed_metrics, throughput_batch
 from ..files import atomic_write_json, sha256_bytes, sha256_file, sha256_json
 from ..stage_output import claim_out_dir
 from .models import build_model
-from .train import fit, train_fingerprint
+from .train import fit, fit_group, train_fingerprint
 
 log = logging.getLogger("distill.image.stages")
 
@@ -69,6 +69,7 @@ __all__ = [
     "speed",
     "stage_fingerprint",
     "train",
+    "train_group",
 ]
 
 
@@ -189,6 +190,7 @@ def stage_fingerprint(
     data_manifest_sha256: str,
     kd: KDConfig | dict | None = None,
     teacher_weights_sha256: str | None = None,
+    seed: int | None = None,
 ) -> dict:
     """The JSON document identifying everything that determines a training stage's result; its hash is
     ``distill.files.sha256_json(doc)`` (canonical JSON, sorted keys). Keys:
@@ -200,7 +202,9 @@ def stage_fingerprint(
       change the result (``distill.image.train.NON_RESULT_FIELDS``: progress display, checkpoint retention);
     - ``kd``: students only (``kd`` or else ``cfg.kd``), else None;
     - ``data_manifest_sha256``: :func:`manifest_sha256` of the prepared data folder;
-    - ``teacher_weights_sha256``: students only (required), the teacher's ``weights_sha256``; else None.
+    - ``teacher_weights_sha256``: students only (required), the teacher's ``weights_sha256``; else None;
+    - ``init_seed``: the seed of the initial weights (``seed``, default the role's ``train.seed``, which also
+      orders the batches).
 
     Everything else in ``cfg`` (the other role's settings, sweep, eval, data source paths) is left out, so
     it is a content address for the stage's work. :func:`train` records it in config.json and in every
@@ -221,6 +225,7 @@ def stage_fingerprint(
         "kd": kd.model_dump(mode="json") if role == "student" else None,
         "data_manifest_sha256": data_manifest_sha256,
         "teacher_weights_sha256": teacher_weights_sha256 if role == "student" else None,
+        "init_seed": tcfg.seed if seed is None else int(seed),
     }
 
 
@@ -254,13 +259,15 @@ def train(
     log_fn: Callable[[dict, int], None] | None = None,
     on_checkpoint: Callable[[Path, int], None] | None = None,
     resume: bool = True,
+    seed: int | None = None,
 ) -> dict:
     """Train one role into ``out_dir`` (model.safetensors, config.json, metrics.json, history.json,
     checkpoints/). Before any compute: the role's batch_size is checked against the training split, and an
     out_dir whose outputs or checkpoints belong to another :func:`stage_fingerprint` is refused with
     :class:`~distill.checkpoint.CheckpointMismatch` (``resume=False`` deletes them and starts over).
     ``on_checkpoint(folder, epoch)`` runs after each epoch's checkpoint, once old ones are pruned
-    (:func:`distill.checkpoint.retained_checkpoints` lists those kept)."""
+    (:func:`distill.checkpoint.retained_checkpoints` lists those kept). ``seed``: of the initial weights
+    (default ``train.seed``, which orders the batches in any case)."""
     spec, tcfg, field = _role_config(role, cfg)
     if role == "student" and teacher_dir is None:
         raise ValueError("role 'student' needs teacher_dir (the output folder of the teacher stage)")
@@ -271,7 +278,7 @@ def train(
     kd = (kd or cfg.kd) if role == "student" else None
     teacher_sha = _teacher_weights_sha256(teacher_dir) if role == "student" else None
     fingerprint = stage_fingerprint(
-        role, cfg, data_manifest_sha256=manifest_sha256(data_dir), kd=kd, teacher_weights_sha256=teacher_sha
+        role, cfg, data_manifest_sha256=manifest_sha256(data_dir), kd=kd, teacher_weights_sha256=teacher_sha, seed=seed
     )
     stats = stats_from_manifest(manifest, str(Path(data_dir) / "manifest.json"))
     teacher_stats = model_normalization(teacher_dir) if role == "student" else None
@@ -280,8 +287,7 @@ def train(
     data = load_prepared(data_dir)
     _check_batch_size(field, tcfg, len(data["train"][1]))
 
-    torch.manual_seed(tcfg.seed)  # baseline and student start from the same initial weights
-    model = build_model(spec.name, len(classes), **spec.kwargs)
+    model = _initial_model(spec, len(classes), fingerprint["init_seed"])
     teacher = load_model(teacher_dir) if role == "student" else None
     desc = role if kd is None else f"student T={kd.temperature:g} a={kd.alpha:g}"
     t0 = time.perf_counter()
@@ -292,6 +298,84 @@ def train(
     )
     wall = time.perf_counter() - t0
     return _write_outputs(out_dir, role, cfg, model, res, wall, fingerprint, classes, spec, tcfg, kd)
+
+
+def _initial_model(spec: ModelSpec, num_classes: int, seed: int) -> nn.Module:
+    """The model's initial weights, from ``seed`` alone: the baseline and the students of one seed start equal."""
+    torch.manual_seed(seed)
+    return build_model(spec.name, num_classes, **spec.kwargs)
+
+
+GROUP_FILE = "group.json"
+
+
+def group_fingerprint(cfg: LabConfig, members: list[dict], *, data_manifest_sha256: str,
+                      teacher_weights_sha256: str | None) -> dict:
+    """The fingerprint of a lockstep group: each member's :func:`stage_fingerprint` (the one it would have if
+    trained alone) under its name, in order."""
+    return {"group": [{"name": m["name"], "stage": stage_fingerprint(
+        m["role"], cfg, data_manifest_sha256=data_manifest_sha256, kd=m.get("kd"), seed=m.get("seed"),
+        teacher_weights_sha256=teacher_weights_sha256 if m["role"] == "student" else None)} for m in members]}
+
+
+def _check_group(members: list[dict]) -> None:
+    names = [m.get("name") for m in members]
+    if not members or len(set(names)) != len(names):
+        raise ValueError(f"a lockstep group needs members with distinct names, got {names}")
+    for m in members:
+        if m.get("role") not in ("baseline", "student"):
+            raise ValueError(f"group member {m.get('name')!r}: role must be baseline or student, got {m.get('role')!r}")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._=+-]{0,99}", str(m["name"])):
+            raise ValueError(f"group member name {m['name']!r}: letters, digits and . _ = + - only")
+
+
+def train_group(cfg: LabConfig, data_dir: str | Path, out_dir: str | Path, members: list[dict], *,
+                teacher_dir: str | Path | None = None, log_fns: dict[str, Callable] | None = None,
+                on_checkpoint: Callable[[Path, int], None] | None = None, resume: bool = True) -> dict[str, dict]:
+    """Train the baseline and students ``members`` (``{"role", "name", "kd", "seed"}``) in lockstep
+    (:func:`distill.image.train.fit_group`): one pass of the teacher per batch feeds every student. Each
+    member's folder ``out_dir/<name>/`` is what :func:`train` would write for it alone (same fingerprint in its
+    config.json); the group's checkpoints are in ``out_dir/checkpoints`` and its fingerprint in
+    ``out_dir/group.json``. Returns {name: the member's metrics}."""
+    _check_group(members)
+    out_dir = Path(out_dir)
+    manifest = read_manifest(data_dir)
+    classes = manifest["classes"]
+    tcfg = cfg.student_train
+    _check_batch_size("student_train", tcfg, manifest.get("counts", {}).get("train", {}).get("total"))
+    students = any(m["role"] == "student" for m in members)
+    if students and teacher_dir is None:
+        raise ValueError("a group with students needs teacher_dir (the output folder of the teacher stage)")
+    teacher_sha = _teacher_weights_sha256(teacher_dir) if teacher_dir is not None else None
+    fp = group_fingerprint(cfg, members, data_manifest_sha256=manifest_sha256(data_dir),
+                           teacher_weights_sha256=teacher_sha)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    claim_out_dir(out_dir, fp, resume, outputs=(GROUP_FILE,), config_name=GROUP_FILE,
+                  fresh_hint="--no-resume (resume=False)")
+    atomic_write_json(out_dir / GROUP_FILE, {"fingerprint": fp, "fingerprint_sha256": sha256_json(fp)})
+    stats = stats_from_manifest(manifest, str(Path(data_dir) / "manifest.json"))
+    data = load_prepared(data_dir)
+    _check_batch_size("student_train", tcfg, len(data["train"][1]))
+    kds = {m["name"]: (KDConfig.model_validate(m["kd"]) if m["kd"] else cfg.kd) if m["role"] == "student" else None
+           for m in members}
+    fps = {e["name"]: e["stage"] for e in fp["group"]}
+    models = [(m["name"], _initial_model(cfg.student, len(classes), fps[m["name"]]["init_seed"]), kds[m["name"]])
+              for m in members]
+    t0 = time.perf_counter()
+    trained = fit_group(models, data, tcfg, teacher=load_model(teacher_dir) if students else None, log_fns=log_fns,
+                        ckpt_dir=out_dir / "checkpoints", on_checkpoint=on_checkpoint, resume=resume,
+                        desc=f"group of {len(members)}", fingerprint=fp, stats=stats,
+                        teacher_stats=model_normalization(teacher_dir) if students else None)
+    wall = time.perf_counter() - t0
+    out = {}
+    for m in members:
+        model, res = trained[m["name"]]
+        folder = out_dir / m["name"]
+        folder.mkdir(exist_ok=True)
+        summary = _write_outputs(folder, m["role"], cfg, model, res, wall, fps[m["name"]], classes, cfg.student, tcfg,
+                                 kds[m["name"]])
+        out[m["name"]] = {**summary, "seed": fps[m["name"]]["init_seed"], "group_size": len(members)}
+    return out
 
 
 def _write_outputs(out_dir: Path, role, cfg: LabConfig, model: nn.Module, res, wall: float, fingerprint: dict,

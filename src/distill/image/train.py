@@ -21,7 +21,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -164,47 +164,91 @@ def _renormalizer(stats: PixelStats, teacher_stats: PixelStats | None, device: t
     return tuple(t.to(torch.float32).view(-1, 1, 1).to(device) for t in (scale, shift))
 
 
-class _Trainer:
-    """One fit() call: set-up, resume, epochs, checkpoints. Split out of fit() to keep each piece readable."""
+class _Member:
+    """One model of a fit: its optimiser, lr schedule, loss (KD with ``kd``, else cross-entropy), the weights of
+    its best epoch so far and its history. Several members train in lockstep on the same batches."""
 
-    def __init__(self, model, data, cfg: TrainConfig, teacher, kd: KDConfig | None, desc: str,
-                 stats: PixelStats, teacher_stats: PixelStats | None):
+    def __init__(self, name: str, model: nn.Module, kd: KDConfig | None, cfg: TrainConfig, rt: Runtime,
+                 steps_per_epoch: int, stats: PixelStats):
+        self.name, self.model, self.kd = name, model, kd
+        dev = rt.device
+        model.to(dev)
+        if rt.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.loss_fn = get_loss(kd.loss) if kd is not None else get_loss("ce")
+        self.loss_kw = {"temperature": kd.temperature, "alpha": kd.alpha} if kd is not None else {}
+        self.opt = torch.optim.SGD(
+            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
+            **({"fused": True} if dev.type == "cuda" else {}),
+        )
+        self.sched = torch.optim.lr_scheduler.LambdaLR(
+            self.opt, LRSchedule(cfg.epochs, steps_per_epoch, cfg.warmup_epochs, cfg.schedule == "cosine_epoch")
+        )
+        self.fwd: Callable = model
+        self.result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last,
+                                         "compile": rt.compile}, normalization=stats.to_json())
+        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def state(self) -> dict:
+        res = self.result
+        return {"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(), "best_model": self.best_state, "best_epoch": res.best_epoch,
+                "best_val_acc": res.best_val_acc, "history": res.history, "train_seconds": res.train_seconds}
+
+    def load(self, st: dict, dev: torch.device) -> None:
+        self.model.load_state_dict(st["model"])
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        self.best_state = {k: v.to(dev) for k, v in st["best_model"].items()}
+        res = self.result
+        res.history = list(st["history"])
+        res.best_epoch, res.best_val_acc = int(st["best_epoch"]), float(st["best_val_acc"])
+        res.train_seconds = float(st["train_seconds"])
+
+    def update(self, xb: torch.Tensor, yb: torch.Tensor, t_logits: torch.Tensor | None, rt: Runtime) -> torch.Tensor:
+        """One optimiser step on the (augmented, normalised) batch; the teacher's logits feed the KD loss."""
+        with torch.autocast(rt.device.type, dtype=torch.bfloat16, enabled=rt.amp):
+            s_logits = self.fwd(xb)
+        loss = self.loss_fn(s_logits, t_logits if self.kd is not None else None, yb, **self.loss_kw)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        self.sched.step()
+        return loss.detach()
+
+
+class _Trainer:
+    """One fit: the shared data, augmentation and frozen teacher, and the members trained in lockstep on them
+    (one for :func:`fit`, several for :func:`fit_group`). Each step augments one batch, runs the teacher once
+    (when a member distils) and updates every member in turn: a member's computation is exactly what it would be
+    alone, so on CPU it ends bit-identical to training it alone."""
+
+    def __init__(self, members: Sequence[tuple[str, nn.Module, KDConfig | None]], data, cfg: TrainConfig, teacher,
+                 desc: str, stats: PixelStats, teacher_stats: PixelStats | None, flat_state: bool):
         self.rt = rt = resolve_runtime(cfg)
         self.dev = dev = rt.device
-        self.cfg, self.desc, self.model, self.teacher = cfg, desc, model, teacher
+        self.cfg, self.desc, self.teacher, self.flat_state = cfg, desc, teacher, flat_state
         self.x_train, self.y_train = (t.to(dev) for t in data["train"])
         self.x_val, self.y_val = (t.to(dev) for t in data["val"])
         n = len(self.x_train)
         if n < cfg.batch_size:
             raise ValueError(f"batch_size ({cfg.batch_size}) is larger than the training split ({n} images)")
         self.steps_per_epoch = n // cfg.batch_size  # drop_last: static shapes for CUDA graphs
-
-        model.to(dev)
-        if rt.channels_last:
-            model.to(memory_format=torch.channels_last)
+        self.members = [_Member(name, model, kd, cfg, rt, self.steps_per_epoch, stats) for name, model, kd in members]
+        self.needs_teacher = any(m.kd is not None for m in self.members)
+        if self.needs_teacher and teacher is None:
+            raise ValueError("a member with a KD config needs the teacher")
         if teacher is not None:
             teacher.to(dev).eval()
             if rt.channels_last:
                 teacher.to(memory_format=torch.channels_last)
             for p in teacher.parameters():
                 p.requires_grad_(False)
-        self.loss_fn = get_loss(kd.loss) if teacher is not None else get_loss("ce")
-        self.loss_kw = {"temperature": kd.temperature, "alpha": kd.alpha} if teacher is not None else {}
-
-        self.opt = torch.optim.SGD(
-            model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov,
-            **({"fused": True} if dev.type == "cuda" else {}),
-        )
-        self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, LRSchedule(cfg.epochs, self.steps_per_epoch, cfg.warmup_epochs, cfg.schedule == "cosine_epoch")
-        )
         self.stats = stats
         self.augment = Augment(stats.mean, stats.std)
         self.teacher_affine = _renormalizer(stats, teacher_stats, dev) if teacher is not None else None
-        self.result = FitResult(runtime={"device": str(dev), "amp_bf16": rt.amp, "channels_last": rt.channels_last, "compile": rt.compile},
-                                normalization=stats.to_json())
-        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.start_epoch = 0
+        self.resumed_from_epoch = 0
 
     # --- checkpoints ---------------------------------------------------------------------------------------
 
@@ -217,50 +261,43 @@ class _Trainer:
         if epoch_done > self.cfg.epochs:
             raise CheckpointMismatch(f"checkpoint {folder} is at epoch {epoch_done}, beyond this run's {self.cfg.epochs} epochs")
         try:
-            self.model.load_state_dict(st["model"])
-            self.opt.load_state_dict(st["optimizer"])
-            self.sched.load_state_dict(st["scheduler"])
+            states = {self.members[0].name: st} if self.flat_state else st["members"]
+            for m in self.members:
+                m.load(states[m.name], self.dev)
             _set_rng_state(st["rng"])
-            self.best_state = {k: v.to(self.dev) for k, v in st["best_model"].items()}
-            res = self.result
-            res.history = list(st["history"])
-            res.best_epoch, res.best_val_acc = int(st["best_epoch"]), float(st["best_val_acc"])
-            res.train_seconds = float(st["train_seconds"])
         except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, IndexError) as e:
-            raise CheckpointError(f"checkpoint {folder}: its state does not fit this model and optimiser: {e!r}") from e
-        self.start_epoch = self.result.resumed_from_epoch = epoch_done
+            raise CheckpointError(f"checkpoint {folder}: its state does not fit these models and optimisers: {e!r}") from e
+        self.start_epoch = self.resumed_from_epoch = epoch_done
         log.info("%s: resumed from checkpoint %s (epoch %d of %d)", self.desc, folder, epoch_done, self.cfg.epochs)
 
     def save(self, root: Path, epoch: int, fingerprint: dict) -> Path:
-        res, cfg = self.result, self.cfg
-        state = {
-            "model": self.model.state_dict(),
-            "optimizer": self.opt.state_dict(),
-            "scheduler": self.sched.state_dict(),
-            "rng": _rng_state(),
-            "best_model": self.best_state,
-            "best_epoch": res.best_epoch,
-            "best_val_acc": res.best_val_acc,
-            "history": res.history,
-            "train_seconds": res.train_seconds,
-        }
-        pinned = [res.best_epoch] if cfg.keep_best_checkpoint and res.best_epoch else []
+        cfg = self.cfg
+        if self.flat_state:
+            state = {**self.members[0].state(), "rng": _rng_state()}
+        else:
+            state = {"members": {m.name: m.state() for m in self.members}, "rng": _rng_state()}
+        pinned = sorted({m.result.best_epoch for m in self.members if m.result.best_epoch}) if cfg.keep_best_checkpoint else []
         return save_checkpoint(root, epoch, state, fingerprint=fingerprint, keep_last=cfg.keep_checkpoints, keep_epochs=pinned)
 
     # --- training ------------------------------------------------------------------------------------------
 
     def make_step(self) -> Callable[[torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]:
-        rt, dev, model, teacher = self.rt, self.dev, self.model, self.teacher
-        fwd, tfwd = model, teacher
+        rt, dev, teacher = self.rt, self.dev, self.teacher
+        tfwd = teacher if self.needs_teacher else None
         if rt.compile != "off":
-            fwd = torch.compile(model, mode=rt.compile)
-            if teacher is not None:
+            # one code object compiled per member (and per shape): keep dynamo from falling back to eager at its
+            # default limit of 8 recompiles when a group holds many members
+            limit = getattr(torch._dynamo.config, "recompile_limit", None)
+            if limit is not None:
+                torch._dynamo.config.recompile_limit = max(limit, 4 * len(self.members) + 8)
+            for m in self.members:
+                m.fwd = torch.compile(m.model, mode=rt.compile)
+            if tfwd is not None:
                 tfwd = torch.compile(teacher, mode=rt.compile)
         cuda_graphs = rt.compile == "reduce-overhead" and dev.type == "cuda"
         if dev.type == "cuda":
             torch.backends.cudnn.benchmark = True  # fixed shapes (drop_last): pick the fastest kernels once
-        opt, sched, augment, loss_fn, loss_kw = self.opt, self.sched, self.augment, self.loss_fn, self.loss_kw
-        t_affine = self.teacher_affine
+        augment, members, t_affine = self.augment, self.members, self.teacher_affine
 
         def step(xb_u8: torch.Tensor, yb: torch.Tensor, g: torch.Generator) -> torch.Tensor:
             if cuda_graphs:
@@ -273,51 +310,46 @@ class _Trainer:
                 with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
                     t_logits = tfwd(xb if t_affine is None else torch.addcmul(t_affine[1], xb, t_affine[0])).float()
                 t_logits = t_logits.clone()  # a normal tensor, usable by autograd-tracked ops
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=rt.amp):
-                s_logits = fwd(xb)
-            loss = loss_fn(s_logits, t_logits, yb, **loss_kw)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            return loss.detach()
+            return torch.stack([m.update(xb, yb, t_logits, rt) for m in members])
 
         return step
 
-    def train_epoch(self, epoch: int, step, progress: _Progress) -> tuple[float, float, float]:
-        """One pass over the training split: (mean train loss, lr at the epoch's start, seconds)."""
+    def train_epoch(self, epoch: int, step, progress: _Progress) -> tuple[torch.Tensor, float, float]:
+        """One pass over the training split: (mean train loss per member, lr at the epoch's start, seconds)."""
         cfg, dev = self.cfg, self.dev
-        self.model.train()
+        for m in self.members:
+            m.model.train()
         g = _epoch_generator(cfg.seed, epoch, dev)
-        loss_sum = torch.zeros((), device=dev)
+        loss_sum = torch.zeros(len(self.members), device=dev)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        lr_epoch = self.opt.param_groups[0]["lr"]
+        lr_epoch = self.members[0].opt.param_groups[0]["lr"]
         batches = iterate_batches(self.x_train, self.y_train, cfg.batch_size, shuffle=True, drop_last=True, generator=g)
         for i, (xb, yb) in enumerate(batches):
             loss_sum += step(xb, yb, g)
             if progress.bar is not None and (i % 20 == 0 or i == self.steps_per_epoch - 1):
-                progress.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{(loss_sum / (i + 1)).item():.3f}")
+                progress.update(1, epoch=f"{epoch + 1}/{cfg.epochs}", loss=f"{(loss_sum[0] / (i + 1)).item():.3f}")
             else:
                 progress.update(1)
         if dev.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        train_loss = float((loss_sum / self.steps_per_epoch).item())
-        if not math.isfinite(train_loss):
-            raise FloatingPointError(f"{self.desc}: training loss is {train_loss} at epoch {epoch + 1}; lower the lr")
-        return train_loss, float(lr_epoch), dt
+        losses = (loss_sum / self.steps_per_epoch).cpu()
+        for m, loss in zip(self.members, losses.tolist()):
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"{m.name}: training loss is {loss} at epoch {epoch + 1}; lower the lr")
+        return losses, float(lr_epoch), dt
 
-    def validate(self, epoch: int) -> tuple[float, float]:
-        """(val accuracy, val loss); remembers the weights of the best epoch so far."""
-        val_logits = predict(self.model, self.x_val, self.rt, self.cfg.eval_batch_size, stats=self.stats)
+    def validate(self, m: _Member, epoch: int) -> tuple[float, float]:
+        """(val accuracy, val loss) of one member; remembers the weights of its best epoch so far."""
+        val_logits = predict(m.model, self.x_val, self.rt, self.cfg.eval_batch_size, stats=self.stats)
         val_acc = float((val_logits.argmax(1) == self.y_val).float().mean().item())
         val_loss = float(torch.nn.functional.cross_entropy(val_logits, self.y_val).item())
-        res = self.result
+        res = m.result
         if val_acc > res.best_val_acc or not res.history:
             res.best_val_acc, res.best_epoch = val_acc, epoch + 1
-            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            m.best_state = {k: v.detach().clone() for k, v in m.model.state_dict().items()}
         return val_acc, val_loss
 
 
@@ -356,53 +388,100 @@ def fit(
     if teacher is not None:
         kd = kd or KDConfig()
     stats = as_stats(stats) if stats is not None else channel_stats(data["train"][0])
+    if ckpt_dir is not None and fingerprint is None:
+        fingerprint = fit_fingerprint(model, cfg, teacher=teacher, kd=kd, stats=stats)
+    member = (desc, model, kd if teacher is not None else None)
+    out = _run([member], data, cfg, teacher=teacher, log_fns={desc: log_fn} if log_fn else {}, ckpt_dir=ckpt_dir,
+               on_checkpoint=on_checkpoint, resume=resume, desc=desc, fingerprint=fingerprint, stats=stats,
+               teacher_stats=teacher_stats, flat_state=True)
+    return out[desc]
+
+
+def fit_group(
+    members: Sequence[tuple[str, nn.Module, KDConfig | None]],
+    data: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    cfg: TrainConfig,
+    *,
+    teacher: nn.Module | None = None,
+    log_fns: dict[str, LogFn] | None = None,
+    ckpt_dir: str | Path | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    resume: bool = True,
+    desc: str = "group",
+    fingerprint: dict | None = None,
+    stats=None,
+    teacher_stats=None,
+) -> dict[str, tuple[nn.Module, FitResult]]:
+    """Train several models in lockstep: ``members`` are ``(name, model, kd)``, ``kd`` None for a model trained
+    on hard labels (the baseline). Every step augments one batch (the sequence :func:`fit` with the same
+    ``cfg.seed`` would draw), runs the teacher on it once, and updates each member with its own loss, optimiser
+    and schedule; each member is selected on validation separately. A member ends bit-identical on CPU to
+    :func:`fit` of the same model alone. One checkpoint per epoch holds the whole group (``fingerprint``
+    required with ``ckpt_dir``); ``log_fns[name](metrics, epoch)`` gets each member's epoch row. Returns
+    {name: (best model, FitResult)}; ``FitResult.images_per_second`` is the group's (batches through every
+    member per second)."""
+    names = [name for name, _, _ in members]
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"fit_group needs members with distinct names, got {names}")
+    if ckpt_dir is not None and fingerprint is None:
+        raise ValueError("fit_group with ckpt_dir needs the group's fingerprint")
+    stats = as_stats(stats) if stats is not None else channel_stats(data["train"][0])
+    return _run(list(members), data, cfg, teacher=teacher, log_fns=log_fns or {}, ckpt_dir=ckpt_dir,
+                on_checkpoint=on_checkpoint, resume=resume, desc=desc, fingerprint=fingerprint, stats=stats,
+                teacher_stats=teacher_stats, flat_state=False)
+
+
+def _run(members, data, cfg: TrainConfig, *, teacher, log_fns: dict[str, LogFn], ckpt_dir, on_checkpoint, resume: bool,
+         desc: str, fingerprint, stats: PixelStats, teacher_stats, flat_state: bool) -> dict[str, tuple[nn.Module, FitResult]]:
     teacher_stats = as_stats(teacher_stats) if teacher_stats is not None else None
     ckpt_root = Path(ckpt_dir) if ckpt_dir is not None else None
-    if ckpt_root is not None and fingerprint is None:
-        fingerprint = fit_fingerprint(model, cfg, teacher=teacher, kd=kd, stats=stats)
-    tr = _Trainer(model, data, cfg, teacher, kd, desc, stats, teacher_stats)
+    tr = _Trainer(members, data, cfg, teacher, desc, stats, teacher_stats, flat_state)
     if ckpt_root is not None:
         if resume:
             tr.restore(ckpt_root, fingerprint)
         else:
             clear_checkpoints(ckpt_root)
     step = tr.make_step()
-    result, start_epoch, rt = tr.result, tr.start_epoch, tr.rt
-    steps_per_epoch = tr.steps_per_epoch
+    start_epoch, rt, steps_per_epoch = tr.start_epoch, tr.rt, tr.steps_per_epoch
     progress = _Progress(cfg.progress, (cfg.epochs - start_epoch) * steps_per_epoch, desc)
     images_seen, time_in_loop = 0, 0.0
     try:
         for epoch in range(start_epoch, cfg.epochs):
-            train_loss, lr_epoch, dt = tr.train_epoch(epoch, step, progress)
+            losses, lr_epoch, dt = tr.train_epoch(epoch, step, progress)
             if not (rt.compile != "off" and epoch == start_epoch and cfg.epochs - start_epoch > 1):
                 # steady-state speed: the first epoch of a compiled run pays for compilation / graph capture
                 time_in_loop += dt
                 images_seen += steps_per_epoch * cfg.batch_size
-            result.train_seconds += dt
-            val_acc, val_loss = tr.validate(epoch)
-            row = {
-                "epoch": epoch + 1,
-                "train_loss": train_loss,
-                "val_acc": val_acc,
-                "val_loss": val_loss,
-                "lr": lr_epoch,
-                "epoch_seconds": dt,
-                "images_per_second": steps_per_epoch * cfg.batch_size / dt,
-            }
-            result.history.append(row)
-            progress.epoch_line(
-                f"{desc} epoch {epoch + 1}/{cfg.epochs}: train_loss {train_loss:.4f} val_acc {val_acc:.4f} "
-                f"({row['images_per_second']:.0f} img/s)"
-            )
+            rows = _epoch_rows(tr, epoch, losses, lr_epoch, dt, progress)
             if ckpt_root is not None:
                 folder = tr.save(ckpt_root, epoch + 1, fingerprint)  # pruned already
                 if on_checkpoint is not None:
                     on_checkpoint(folder, epoch + 1)
-            if log_fn is not None:
-                log_fn({k: float(v) for k, v in row.items() if k != "epoch"}, epoch + 1)
+            for name, row in rows.items():
+                if log_fns.get(name) is not None:
+                    log_fns[name]({k: float(v) for k, v in row.items() if k != "epoch"}, epoch + 1)
     finally:
         progress.close()
-    result.epochs_run = cfg.epochs - start_epoch
-    result.images_per_second = images_seen / time_in_loop if time_in_loop > 0 else 0.0
-    model.load_state_dict(tr.best_state)
-    return model, result
+    out = {}
+    for m in tr.members:
+        m.result.epochs_run = cfg.epochs - start_epoch
+        m.result.resumed_from_epoch = tr.resumed_from_epoch
+        m.result.images_per_second = images_seen / time_in_loop if time_in_loop > 0 else 0.0
+        m.model.load_state_dict(m.best_state)
+        out[m.name] = (m.model, m.result)
+    return out
+
+
+def _epoch_rows(tr: _Trainer, epoch: int, losses: torch.Tensor, lr_epoch: float, dt: float, progress) -> dict[str, dict]:
+    """Validate every member after an epoch; append and return each member's history row."""
+    cfg, rows = tr.cfg, {}
+    for m, train_loss in zip(tr.members, losses.tolist()):
+        m.result.train_seconds += dt
+        val_acc, val_loss = tr.validate(m, epoch)
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "val_acc": val_acc, "val_loss": val_loss, "lr": lr_epoch,
+               "epoch_seconds": dt, "images_per_second": tr.steps_per_epoch * cfg.batch_size / dt}
+        m.result.history.append(row)
+        rows[m.name] = row
+        progress.epoch_line(f"{m.name} epoch {epoch + 1}/{cfg.epochs}: train_loss {train_loss:.4f} val_acc "
+                            f"{val_acc:.4f} ({row['images_per_second']:.0f} img/s)")
+    return rows
