@@ -35,6 +35,11 @@ RUN pip install ".[pipeline,lm,diffusion]" \
 
 USER distill
 
+# The commit the image was built from (infra/docker-compose.yml passes it): runs record it (tasks.lab.git_commit)
+# and `prefect deploy` inside the image versions the deployments with it (prefect.yaml: version).
+ARG DISTILL_GIT_COMMIT=unknown
+ENV DISTILL_GIT_COMMIT=$DISTILL_GIT_COMMIT
+
 ENV HOME=/home/distill \
     PREFECT_HOME=/home/distill/.prefect \
     PREFECT_SERVER_ANALYTICS_ENABLED=false \

@@ -11,18 +11,14 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prefect import flow
-
 from .params import PipelineParams
-from .pipeline import run_pipeline
+from .pipeline import pipeline_flow
 from .pipeline import run_local as _run_local
 
 Params = PipelineParams
 
 
-@flow(name="distill-cifar", log_prints=True)
-def distill_cifar(params: PipelineParams = PipelineParams()) -> dict:
-    return run_pipeline("cifar", params)
+distill_cifar = pipeline_flow("cifar", "distill_cifar", __doc__.split("\n\n")[0])
 
 
 def run_local(profile: str = "smoke", overrides: Optional[dict] = None, train_pool: Optional[str] = None,

@@ -13,19 +13,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prefect import flow
-
 from .params import params_model
-from .pipeline import run_pipeline
+from .pipeline import pipeline_flow
 from .pipeline import run_local as _run_local
 
 DiffusionPipelineParams = params_model("diffusion")
 Params = DiffusionPipelineParams
 
 
-@flow(name="distill-diffusion", log_prints=True)
-def distill_diffusion(params: DiffusionPipelineParams = DiffusionPipelineParams()) -> dict:  # type: ignore[valid-type]
-    return run_pipeline("diffusion", params)
+distill_diffusion = pipeline_flow("diffusion", "distill_diffusion", __doc__.split("\n\n")[0])
 
 
 def run_local(profile: str = "smoke", overrides: Optional[dict] = None, train_pool: Optional[str] = None,

@@ -6,7 +6,7 @@ running for good. :func:`embedded_prefect_server` starts the server itself, unde
 and guarantees that it goes away with its parent::
 
     with embedded_prefect_server(Path(".distill/prefect")) as api_url:
-        distill_cifar(params)          # talks to api_url
+        distill_cifar(profile="smoke")  # talks to api_url
 
 The process tree (verified with prefect 3.9.1)::
 

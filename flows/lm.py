@@ -13,19 +13,15 @@ from __future__ import annotations
 
 from typing import Optional
 
-from prefect import flow
-
 from .params import params_model
-from .pipeline import run_pipeline
+from .pipeline import pipeline_flow
 from .pipeline import run_local as _run_local
 
 LMPipelineParams = params_model("lm")
 Params = LMPipelineParams
 
 
-@flow(name="distill-lm", log_prints=True)
-def distill_lm(params: LMPipelineParams = LMPipelineParams()) -> dict:  # type: ignore[valid-type]
-    return run_pipeline("lm", params)
+distill_lm = pipeline_flow("lm", "distill_lm", __doc__.split("\n\n")[0])
 
 
 def run_local(profile: str = "smoke", overrides: Optional[dict] = None, train_pool: Optional[str] = None,

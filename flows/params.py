@@ -8,9 +8,10 @@ config before any compute.
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
@@ -94,15 +95,18 @@ def check_tracking_uri(uri: str) -> str:
             raise ValueError("a file: tracking URI needs a path: file:///path")
     return uri
 
-_PARTIALS: dict[type, type] = {}
+_PARTIALS: dict[tuple, type] = {}
 
 
-def partial_model(model: type[BaseModel]) -> type[BaseModel]:
-    """A copy of ``model`` whose fields are all optional (default None), nested models included."""
-    if model in _PARTIALS:
-        return _PARTIALS[model]
+def partial_model(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> type[BaseModel]:
+    """A copy of ``model`` whose fields are all optional (default None), nested models included; ``exclude``:
+    top-level fields left out (``profile``, which is a parameter of its own)."""
+    if (model, exclude) in _PARTIALS:
+        return _PARTIALS[(model, exclude)]
     fields: dict[str, Any] = {}
     for name, f in model.model_fields.items():
+        if name in exclude:
+            continue
         ann = f.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             ann = partial_model(ann)
@@ -111,7 +115,7 @@ def partial_model(model: type[BaseModel]) -> type[BaseModel]:
         fields[name] = (Optional[ann], info)
     config = ConfigDict(extra="forbid", allow_inf_nan=model.model_config.get("allow_inf_nan", True))
     part = create_model(f"{model.__name__}Overrides", __config__=config, **fields)
-    _PARTIALS[model] = part
+    _PARTIALS[(model, exclude)] = part
     return part
 
 
@@ -130,7 +134,8 @@ class PipelineBase(BaseModel):
     profile: str = Field("smoke", description="preset recipe")
     overrides: Any = None
     train_pool: Optional[str] = Field(
-        None, description="work pool for training stages (via deployment distill-train/<pool>); none = in-process",
+        None, description="work pool for the training stages (through the deployment distill-train/POOL, POOL being "
+                          "this name); empty: every stage runs in the flow's own process",
         json_schema_extra={"pattern": POOL_PATTERN},
     )
     store_url: Optional[str] = Field(None, description="file:///path or s3://bucket/prefix; default $DISTILL_STORE_URL or .distill/store")
@@ -207,7 +212,7 @@ def params_model(kind_name: str) -> type[PipelineBase]:
     if kind_name in _PARAMS:
         return _PARAMS[kind_name]
     kind = get_kind(kind_name)
-    overrides = partial_model(kind.config_model)
+    overrides = partial_model(kind.config_model, exclude=("profile",))
     name = "PipelineParams" if kind_name == "cifar" else f"{kind_name.capitalize()}PipelineParams"
     model = create_model(
         name,
@@ -224,6 +229,36 @@ def params_model(kind_name: str) -> type[PipelineBase]:
 
 
 PipelineParams = params_model("cifar")
+
+
+def flow_signature(kind_name: str) -> tuple[inspect.Signature, str]:
+    """The flow's top-level parameters as a signature (every field of :func:`params_model`: profile,
+    overrides, train_pool, ..., with its type, numeric constraints and default) and an ``Args:`` docstring block
+    with their descriptions (Prefect shows them in the deployment form). Top-level parameters, so a deployment
+    run that names one parameter keeps the deployment's others: Prefect merges run and deployment parameters at
+    the top level only."""
+    model = params_model(kind_name)
+    params, doc = [], ["Args:"]
+    for name, f in model.model_fields.items():
+        ann = Annotated[(f.annotation, *f.metadata)] if f.metadata else f.annotation
+        default = f.default_factory() if f.default_factory is not None else f.default
+        if name == "overrides":
+            ann, default = Optional[f.annotation], None  # none: the preset as it is
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=ann))
+        doc.append(f"    {name}: {' '.join((f.description or name).split())}")
+    return inspect.Signature(params), "\n".join(doc)
+
+
+def params_from_flow(kind_name: str, values: dict[str, Any]) -> PipelineBase:
+    """The flow's parameters as the pipeline's one model: raises ``pydantic.ValidationError`` naming the field
+    (cross-field rules of the config, e.g. warmup_epochs < epochs, are checked here, not by the schema)."""
+    values = {k: v for k, v in values.items() if not (k == "overrides" and v is None)}  # none: the preset as is
+    return params_model(kind_name)(**values)
+
+
+def validation_message(e: ValidationError) -> str:
+    """One line per error, ``field.path: message``, for a flow run's state message."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'parameters'}: {err['msg']}" for err in e.errors())
 
 
 def project_home() -> Path:

@@ -15,7 +15,9 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional, Sequence
 from urllib.parse import unquote
 
-from prefect import get_run_logger, task
+from prefect import flow, get_run_logger, task
+from prefect.states import Failed
+from pydantic import ValidationError
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.deployments import run_deployment
 from prefect.runtime import flow_run
@@ -32,7 +34,9 @@ from tasks.secrets import redact, redact_text, strip_userinfo
 from tasks.storage import IntegrityError, open_store
 from tasks.tracking import Tracker, flatten_params
 
-from .params import PipelineBase, resolve_store_url, resolve_tracking_uri
+from .params import (
+    PipelineBase, flow_signature, params_from_flow, resolve_store_url, resolve_tracking_uri, validation_message,
+)
 from .train import distill_train
 
 
@@ -136,8 +140,9 @@ def run_training(job: TrainJob, train_pool: Optional[str]) -> dict:
         return distill_train(job)
     fr = run_deployment(
         f"distill-train/{train_pool}", parameters={"job": job.model_dump(mode="json")},
-        flow_run_name=job.name, timeout=None, poll_interval=2, tags=["distill", job.kind, job.role],
+        flow_run_name=job.name, timeout=0, tags=["distill", job.kind, job.role],
     )
+    fr = wait_for_stage(fr.id, train_pool, job.name)
     if not fr.state or not fr.state.is_completed():
         message = (fr.state.message or "") if fr.state else ""
         text = (f"training stage {job.name} on pool {train_pool!r} ended {fr.state.name if fr.state else 'without state'}"
@@ -146,6 +151,52 @@ def run_training(job: TrainJob, train_pool: Optional[str]) -> dict:
             raise IntegrityError(text)
         raise RuntimeError(text)
     return open_store(job.store_url).get_json(f"{job.out_prefix}/result.json")
+
+
+STAGE_TIMEOUT_ENV = "DISTILL_STAGE_TIMEOUT_S"
+
+
+def stage_timeout_s() -> Optional[float]:
+    """``$DISTILL_STAGE_TIMEOUT_S``: the most seconds one dispatched training stage may take, queueing included
+    (unset or 0: no limit)."""
+    raw = os.environ.get(STAGE_TIMEOUT_ENV, "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"{STAGE_TIMEOUT_ENV} must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else None
+
+
+def wait_for_stage(flow_run_id: Any, train_pool: str, name: str, *, poll_s: float = 2.0,
+                   timeout_s: Optional[float] = None, sleep: Callable[[float], None] = time.sleep,
+                   clock: Callable[[], float] = time.monotonic) -> Any:
+    """Wait for a dispatched stage's flow run to end and return it. While it has not started, the pool must keep
+    an online worker: a queued run (the pool's concurrency limit) waits as long as workers are there, but when
+    none has been online for ``$DISTILL_POOL_WAIT_S`` the run is cancelled and :class:`PoolUnavailable` names the
+    pool (``run_deployment(timeout=None)`` would wait forever). Past ``timeout_s`` (default
+    ``$DISTILL_STAGE_TIMEOUT_S``, none) the run is cancelled and ``TimeoutError`` raised."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled
+
+    timeout_s = stage_timeout_s() if timeout_s is None else timeout_s
+    t0, checked = clock(), clock()
+    with get_client(sync_client=True) as client:
+        while True:
+            fr = client.read_flow_run(flow_run_id)
+            state = fr.state
+            if state is not None and state.is_final():
+                return fr
+            try:
+                if (state is None or state.is_scheduled() or state.is_pending()) and clock() - checked >= poll_s * 5:
+                    ensure_pool_served(train_pool)  # waits up to $DISTILL_POOL_WAIT_S for a worker, else raises
+                    checked = clock()
+                if timeout_s is not None and clock() - t0 > timeout_s:
+                    raise TimeoutError(f"training stage {name} on pool {train_pool!r} did not finish within "
+                                       f"{timeout_s:g} s ({STAGE_TIMEOUT_ENV}); its flow run {flow_run_id} was cancelled")
+            except (PoolUnavailable, TimeoutError) as e:
+                client.set_flow_run_state(flow_run_id, Cancelled(message=str(e)), force=True)
+                raise
+            sleep(poll_s)
 
 
 class Reused(NamedTuple):
@@ -340,6 +391,39 @@ class _Run:
         return run_pool([job], self.params.train_pool, 1)[job.name]
 
 
+def pipeline_flow(kind_name: str, fn_name: str, doc: str):
+    """The Prefect flow of a kind (``distill-<kind>``), taking the pipeline's parameters at the top level
+    (:func:`flows.params.flow_signature`). Its first act is validation: a configuration the schema could not
+    check (e.g. ``warmup_epochs >= epochs``) fails the flow run at once, the state message naming the field."""
+    kind = get_kind(kind_name)
+    signature, args_doc = flow_signature(kind_name)
+
+    def body(**values: Any) -> Any:
+        try:
+            params = params_from_flow(kind_name, values)
+        except ValidationError as e:
+            message = f"invalid parameters, nothing was run: {validation_message(e)}"
+            get_run_logger().error(message)
+            return Failed(message=message)
+        return run_pipeline(kind_name, params)
+
+    body.__name__ = body.__qualname__ = fn_name
+    body.__signature__ = signature  # type: ignore[attr-defined]
+    body.__doc__ = f"{doc}\n\n{args_doc}\n"
+    return flow(name=kind.flow, log_prints=True, timeout_seconds=flow_timeout_s())(body)
+
+
+def flow_timeout_s() -> Optional[float]:
+    """``$DISTILL_FLOW_TIMEOUT_S`` (read where the flow module is imported: the worker): the most seconds a
+    pipeline flow run may take before Prefect marks it TimedOut (unset or 0: no limit)."""
+    raw = os.environ.get("DISTILL_FLOW_TIMEOUT_S", "").strip()
+    try:
+        value = float(raw) if raw else 0.0
+    except ValueError:
+        raise ValueError(f"DISTILL_FLOW_TIMEOUT_S must be a number of seconds, got {raw!r}") from None
+    return value if value > 0 else None
+
+
 def run_pipeline(kind_name: str, params: PipelineBase) -> dict:
     """The body of every kind's flow."""
     kind = get_kind(kind_name)
@@ -529,7 +613,7 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
         "kd_gain": tm.gain(results[student]["test"][tm.key], results["baseline"]["test"][tm.key]),
     })
     keep = ("test", "model_prefix", "mlflow_run_id", "executed_by", "reused", "stage_key", "resumed_from_epoch",
-            "resumed_from_step", "teacher_name", kind.selection.key)
+            "resumed_from_step", "teacher_name", "seed", "replica_of", kind.selection.key)
     summary = redact({
         "kind": kind.name,
         "flow_run_id": r.run_id,
@@ -628,7 +712,7 @@ def run_local(flow_fn, params_model: type[PipelineBase], *, tracking_uri: Option
     params = params_model(tracking_uri=move_tracking_credentials(tracking_uri), overrides=overrides or {}, **fields)
     prefect_home = Path(os.environ.get("PREFECT_HOME") or project_home() / "prefect")
     with embedded_prefect_server(prefect_home):
-        summary = flow_fn(params)
+        summary = flow_fn(**{name: getattr(params, name) for name in type(params).model_fields})
     uri = summary["tracking_uri"]
     print()
     print(f"MLflow runs: experiment {summary['experiment']!r}, parent run {summary['mlflow_parent_run_id']}")

@@ -17,7 +17,8 @@
 # The cpu pool stays unlimited (its runs are orchestrators that wait on gpu runs).
 #
 # Environment: PREFECT_API_URL (required unless set in the active Prefect profile),
-# DISTILL_GPU_CONCURRENCY, DISTILL_GPU_POOL_TYPE (docker | kubernetes),
+# DISTILL_GPU_CONCURRENCY, DISTILL_GPU_POOL_TYPE (docker | kubernetes), DISTILL_IMAGE (the gpu pool's
+# default image, e.g. distill:<commit>; with --update-templates it replaces the pool's),
 # DISTILL_WORK_POOLS_DIR (default: the work-pools folder next to this script),
 # PREFECT (the prefect command; default: prefect).
 set -euo pipefail
@@ -68,6 +69,16 @@ ensure_pool() {  # NAME TYPE TEMPLATE
         echo "work pool $name was created meanwhile; base job template left as it is" >&2
     fi
 }
+
+if [[ -n "${DISTILL_IMAGE:-}" ]]; then  # pin the image the gpu pool runs (e.g. distill:<commit>)
+    pinned="$(mktemp)"
+    trap 'rm -f "$pinned"' EXIT
+    DISTILL_IMAGE="$DISTILL_IMAGE" python3 -c 'import json, os, sys
+t = json.load(open(sys.argv[1]))
+t["variables"]["properties"]["image"]["default"] = os.environ["DISTILL_IMAGE"]
+print(json.dumps(t, indent=2))' "$gpu_template" > "$pinned"
+    gpu_template="$pinned"
+fi
 
 ensure_pool cpu process "$templates/process-cpu.json"
 ensure_pool gpu "$gpu_type" "$gpu_template"

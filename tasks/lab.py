@@ -518,7 +518,7 @@ def train_group_stage(job: TrainJob, run_ids: dict[str, Optional[str]]) -> dict[
         upload_model(store, folder, model_prefix)
         r.update({"model_prefix": model_prefix, "mlflow_run_id": run_id, "name": v.name, "role": v.role,
                   "kind": job.kind, "weights_sha256": kind.weights_sha256(folder), "stage_key": v.out_prefix,
-                  "model_uri": store.uri(model_prefix), "group": job.name})
+                  "model_uri": store.uri(model_prefix), "group": job.name, "group_prefix": job.out_prefix})
     return res
 
 

@@ -331,8 +331,10 @@ def test_run_local_moves_tracking_credentials_out_of_the_parameters(monkeypatch)
 
     seen = {}
 
-    def fake_flow(params):
-        seen["params"] = params
+    def fake_flow(**params):
+        from flows.params import PipelineParams
+
+        seen["params"] = params = PipelineParams(**params)
         return {"tracking_uri": params.tracking_uri, "experiment": "x", "mlflow_parent_run_id": "p",
                 "report": {"uri": "file:///r"}}
 

@@ -80,7 +80,7 @@ def _params(stack, alpha: float = 0.7) -> dict:
     ov = tiny_overrides(stack["src"], stack["base"] / "cache")
     ov["sweep"] = {"temperatures": [2.0, 4.0], "alphas": [alpha]}
     ov["kd"] = {"alpha": alpha}
-    return {"params": {"profile": "smoke", "train_pool": "gpu", "overrides": ov}}
+    return {"profile": "smoke", "train_pool": "gpu", "overrides": ov}
 
 
 def _deployment_run(stack, alpha: float = 0.7, *, deployment: str = "distill-cifar/local",
@@ -113,11 +113,11 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
 
         # ---- a bad parameter is refused at submission by the server's schema check, naming the field -----
         bad = _params(stack)
-        bad["params"]["overrides"]["kd"] = {"temperature": 0}
+        bad["overrides"]["kd"] = {"temperature": 0}
         r = _prefect(["deployment", "run", "distill-cifar/local", "--params", json.dumps(bad)], stack["env"], timeout=120)
         assert r.returncode != 0 and "temperature" in (r.stdout + r.stderr), r.stdout + r.stderr
         cifar_runs = _api(stack["api"], "POST", "/flow_runs/filter", {"flows": {"name": {"any_": ["distill-cifar"]}}})
-        assert not [fr for fr in cifar_runs if fr["parameters"].get("params", {}).get("overrides", {}).get("kd")]
+        assert not [fr for fr in cifar_runs if (fr["parameters"].get("overrides") or {}).get("kd")]
         # no distill-cifar run exists: the refused one was never created, and `deploy --all` left the weekly
         # schedule inactive (production resumes it; tests/test_infra.py covers that)
         assert cifar_runs == []
@@ -127,18 +127,20 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
         parent = _api(stack["api"], "GET", f"/flow_runs/{run1}")
         assert parent["state_type"] == "COMPLETED" and parent["work_pool_name"] == "cpu"
         trains = _train_runs(stack, run1)
-        assert sorted(r["name"] for r in trains) == ["baseline", "student", "sweep-T2-a0.7", "teacher"]
+        # the teacher, then baseline, student and sweep as one lockstep stage
+        assert sorted(r["name"] for r in trains) == ["lockstep", "teacher"]
         for r in trains:  # every training flow ran through the gpu pool's deployment, and finished
             assert r["work_pool_name"] == "gpu" and r["state_type"] == "COMPLETED", r
         summary = store.get_json(f"runs/{run1}/summary.json")
         assert summary["teacher_reused"] is False
         stages = {name: r["stage_key"] for name, r in summary["results"].items()}
         for name in ("teacher", "baseline", "student"):
-            res = store.get_json(f"{stages[name]}/result.json")
+            res = store.get_json(f"{stages[name]}/result.json")  # a group member completes under its own key
             assert res["executed_by"]["worker"] == "worker-gpu" and res["executed_by"]["pool"] == "gpu"
             # the weights were produced in the gpu worker's work folder, not the orchestrator's
-            assert (stack["homes"]["gpu"] / "work" / stages[name] / "model.safetensors").exists()
-            assert not (stack["homes"]["cpu"] / "work" / stages[name] / "model.safetensors").exists()
+            local = stages[name] if name == "teacher" else f"{res['group_prefix']}/{name}"
+            assert (stack["homes"]["gpu"] / "work" / local / "model.safetensors").exists()
+            assert not (stack["homes"]["cpu"] / "work" / local / "model.safetensors").exists()
 
         # weights are in the bucket (content-addressed stage prefixes) and their checksums verify; the
         # checkpoints of the completed stages were deleted
@@ -181,7 +183,7 @@ def test_deployment_run_on_gpu_pool_then_teacher_reuse(stack):
         run2 = _deployment_run(stack, alpha=0.5)
         summary2 = store.get_json(f"runs/{run2}/summary.json")
         assert summary2["teacher_reused"] is True and summary2["results"]["baseline"]["reused"] is True
-        assert sorted(r["name"] for r in _train_runs(stack, run2)) == ["student", "sweep-T2-a0.5"]
+        assert sorted(r["name"] for r in _train_runs(stack, run2)) == ["lockstep"]  # student + sweep-T2-a0.5
         assert "teacher reused" in store.get_dir_file(f"runs/{run2}/report", "report.md").decode()
         assert len(client.search_model_versions("name='distill-cifar-teacher'")) == 1
         assert len(client.search_model_versions("name='distill-cifar-baseline'")) == 1
@@ -201,8 +203,7 @@ def test_lm_deployment_run_on_gpu_pool(stack):
     if not available():
         pytest.skip("../shared/data (GPT-2 tokenizer, Tiny Shakespeare) is missing")
     lab = make_tiny_lm(stack["base"] / "tinylm")
-    params = {"params": {"profile": "smoke", "train_pool": "gpu",
-                         "overrides": tiny_lm_overrides(lab, stack["base"] / "lmcache")}}
+    params = {"profile": "smoke", "train_pool": "gpu", "overrides": tiny_lm_overrides(lab, stack["base"] / "lmcache")}
     old = dict(os.environ)
     os.environ.update(stack["s3"].env)
     try:
@@ -242,8 +243,8 @@ def test_diffusion_deployment_run_on_gpu_pool(stack, tmp_path):
     from _tinydiff import tiny_diffusion_overrides
 
     src = make_imagefolder(tmp_path / "src", n_train=20, n_test=6, size=16)
-    params = {"params": {"profile": "smoke", "train_pool": "gpu",
-                         "overrides": tiny_diffusion_overrides(src, stack["base"] / "diffcache")}}
+    params = {"profile": "smoke", "train_pool": "gpu",
+              "overrides": tiny_diffusion_overrides(src, stack["base"] / "diffcache")}
     old = dict(os.environ)
     os.environ.update(stack["s3"].env)
     try:

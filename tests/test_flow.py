@@ -50,7 +50,7 @@ def _run(env, overrides_extra=None, **kw):
     ov = tiny_overrides(env["src"], env["tmp"] / "cache")
     ov.update(overrides_extra or {})
     params = PipelineParams(profile="smoke", overrides=ov, store_url=env["store"], tracking_uri=env["mlflow"], **kw)
-    return distill_cifar(params)
+    return distill_cifar(**{k: getattr(params, k) for k in PipelineParams.model_fields})
 
 
 def test_pipeline_in_process_then_teacher_reuse(env):
@@ -262,7 +262,7 @@ def test_bad_parameters_fail_before_compute(env):
     work = Path(os.environ["DISTILL_WORK_DIR"])
     before = set(work.rglob("*")) if work.exists() else set()
     with pytest.raises(Exception, match="temperature"):
-        distill_cifar(params={"profile": "smoke", "overrides": {"kd": {"temperature": -1}}})
+        distill_cifar(profile="smoke", overrides={"kd": {"temperature": -1}})
     after = set(work.rglob("*")) if work.exists() else set()
     assert before == after
 
@@ -359,3 +359,50 @@ def test_completed_stage_drops_its_checkpoints_unless_kept(tmp_path, monkeypatch
     # the stage's product stays either way
     assert store.exists("stages/abc/model/model.safetensors") and store.exists("stages/abc/result.json")
     assert (stage_dir("stages/abc") / "model.safetensors").exists()
+
+
+def test_seeds_train_as_one_lockstep_stage_with_a_run_per_member(env):
+    """seeds [0, 1]: every member but the teacher is trained per seed, all in ONE lockstep stage (one
+    train-lockstep task run); each member gets its own nested MLflow run and its own stage key, the KD gain of a
+    replica is paired with the baseline of its seed, and the report shows the across-seed section."""
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    from tasks.storage import open_store
+
+    fresh = {"student_train": {"epochs": 2, "batch_size": 30, "lr": 0.049}}  # student work no other test did
+    out = _run(env, overrides_extra={"seeds": [0, 1], **fresh}, experiment="seeds")
+    res = out["results"]
+    replicas = {"baseline", "student", "sweep-T1-a0.7", "baseline-s1", "student-s1", "sweep-T1-a0.7-s1"}
+    assert set(res) == {"teacher"} | replicas
+    assert {res[n]["seed"] for n in replicas} == {0, 1} and res["student-s1"]["replica_of"] == "student"
+    assert len({res[n]["stage_key"] for n in replicas}) == 6  # each member under its own key
+    assert res["baseline"]["stage_key"] != res["baseline-s1"]["stage_key"]
+
+    with get_client(sync_client=True) as pc:
+        runs = pc.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[out["flow_run_id"]])))
+    trains = sorted(r.name for r in runs if r.name.startswith("train-") and r.name != "train-teacher")
+    assert trains == ["train-lockstep"], trains
+
+    client = MlflowClient(tracking_uri=env["mlflow"])
+    exp = client.get_experiment_by_name("seeds")
+    children = [r for r in client.search_runs([exp.experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == out["mlflow_parent_run_id"]]
+    assert {r.data.tags["distill.stage"] for r in children} == set(res)
+    for r in children:
+        assert r.info.status == "FINISHED"
+        if r.data.tags["distill.stage"] != "teacher":
+            assert [m.step for m in client.get_metric_history(r.info.run_id, "val_acc")] == [1, 2]
+    gain = {r.data.tags["distill.stage"]: r.data.metrics.get("kd_gain") for r in children}
+    acc = {n: res[n]["test"]["test_accuracy"] for n in res}
+    assert gain["student-s1"] == pytest.approx(acc["student-s1"] - acc["baseline-s1"])
+    assert gain["student"] == pytest.approx(acc["student"] - acc["baseline"])
+
+    report = open_store(env["store"]).get_dir_file(f"runs/{out['flow_run_id']}/report", "report.md").decode()
+    assert "Across seeds" in report
+
+    # a second run with one more seed reuses the six members trained above and trains only the new seed's
+    again = _run(env, overrides_extra={"seeds": [0, 1, 2], **fresh}, experiment="seeds")
+    assert {n for n, r in again["results"].items() if r.get("reused")} == {"teacher"} | replicas
+    assert not again["results"]["baseline-s2"].get("reused")

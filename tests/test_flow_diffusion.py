@@ -37,8 +37,9 @@ def _run(env):
     from flows.diffusion import DiffusionPipelineParams, distill_diffusion
 
     ov = tiny_diffusion_overrides(env["src"], env["tmp"] / "cache")
-    return distill_diffusion(DiffusionPipelineParams(profile="smoke", overrides=ov, store_url=env["store"],
-                                                     tracking_uri=env["mlflow"], max_parallel=2))
+    params = DiffusionPipelineParams(profile="smoke", overrides=ov, store_url=env["store"], tracking_uri=env["mlflow"],
+                                     max_parallel=2)
+    return distill_diffusion(**{k: getattr(params, k) for k in DiffusionPipelineParams.model_fields})
 
 
 def test_diffusion_pipeline_in_process_then_reuse(env):

@@ -38,8 +38,8 @@ def _run(env, **ov_kw):
     from flows.lm import LMPipelineParams, distill_lm
 
     ov = tiny_lm_overrides(env["lab"], env["tmp"] / "cache", **ov_kw)
-    return distill_lm(LMPipelineParams(profile="smoke", overrides=ov, store_url=env["store"],
-                                       tracking_uri=env["mlflow"]))
+    params = LMPipelineParams(profile="smoke", overrides=ov, store_url=env["store"], tracking_uri=env["mlflow"])
+    return distill_lm(**{k: getattr(params, k) for k in LMPipelineParams.model_fields})
 
 
 def test_lm_pipeline_in_process_then_reuse(env):

@@ -554,13 +554,13 @@ def test_prefect_yaml_deployments(prefect_yaml):
         assert d["entrypoint"] == entrypoint
         assert re.fullmatch(r"[\w/.-]+\.py:[A-Za-z_]\w*", d["entrypoint"])
         assert d["work_pool"]["name"] == pool
-    # distill_cifar(params: PipelineParams): the parameters are nested under `params`
-    assert deps["distill-cifar/local"]["parameters"] == {"params": {"profile": "smoke"}}
-    assert deps["distill-cifar/gpu-weekly"]["parameters"] == {"params": {"profile": "seed", "train_pool": "gpu"}}
-    assert deps["distill-lm/local"]["parameters"] == {"params": {"profile": "smoke"}}
-    assert deps["distill-lm/gpu"]["parameters"] == {"params": {"profile": "full", "train_pool": "gpu"}}
-    assert deps["distill-diffusion/local"]["parameters"] == {"params": {"profile": "smoke"}}
-    assert deps["distill-diffusion/gpu"]["parameters"] == {"params": {"profile": "full", "train_pool": "gpu"}}
+    # the flows take the pipeline's parameters at the top level (a run's parameters merge with these per name)
+    assert deps["distill-cifar/local"]["parameters"] == {"profile": "smoke"}
+    assert deps["distill-cifar/gpu-weekly"]["parameters"] == {"profile": "seed", "train_pool": "gpu"}
+    assert deps["distill-lm/local"]["parameters"] == {"profile": "smoke"}
+    assert deps["distill-lm/gpu"]["parameters"] == {"profile": "full", "train_pool": "gpu"}
+    assert deps["distill-diffusion/local"]["parameters"] == {"profile": "smoke"}
+    assert deps["distill-diffusion/gpu"]["parameters"] == {"profile": "full", "train_pool": "gpu"}
     for name in ("distill-train/gpu", "distill-train/cpu"):  # distill-train gets `job` via run_deployment
         assert not deps[name].get("parameters")
     # no docker build/push: the image is built from the Dockerfile separately
@@ -631,13 +631,21 @@ def _flow_functions(path: Path) -> dict[str, str | None]:
 
 
 @pytest.mark.parametrize("deployment", sorted(EXPECTED_DEPLOYMENTS))
-def test_prefect_yaml_entrypoints_exist(deployment):
+def test_prefect_yaml_entrypoints_exist(deployment, monkeypatch):
+    """The entrypoint is a flow of the deployment's flow name: a ``@flow`` function, or (the pipeline flows,
+    built by flows.pipeline.pipeline_flow) a module attribute that loads as one."""
     entrypoint, flow_name, _ = EXPECTED_DEPLOYMENTS[deployment]
     path, func = entrypoint.split(":")
     if not (ROOT / path).is_file():
         pytest.skip(f"{path} is not written yet (entrypoint shape checked in test_prefect_yaml_deployments)")
     flows = _flow_functions(ROOT / path)
-    assert func in flows, f"{entrypoint}: no @flow function {func}"
+    if func not in flows:
+        from prefect.flows import load_flow_from_entrypoint
+
+        monkeypatch.chdir(ROOT)
+        monkeypatch.syspath_prepend(str(ROOT))
+        monkeypatch.syspath_prepend(str(ROOT / "src"))
+        flows = {func: load_flow_from_entrypoint(entrypoint).name}
     assert flows[func] == flow_name, (
         f"{entrypoint} is @flow(name={flows[func]!r}); the deployment is addressed as {flow_name}/{deployment}")
 
@@ -831,8 +839,8 @@ from prefect import flow
 
 
 @flow(name="distill-cifar")
-def distill_cifar(params: dict | None = None):
-    return params
+def distill_cifar(profile: str = "smoke", overrides: dict | None = None, train_pool: str | None = None):
+    return {"profile": profile, "overrides": overrides, "train_pool": train_pool}
 '''
 
 STUB_LM = '''
@@ -840,8 +848,8 @@ from prefect import flow
 
 
 @flow(name="distill-lm")
-def distill_lm(params: dict | None = None):
-    return params
+def distill_lm(profile: str = "smoke", overrides: dict | None = None, train_pool: str | None = None):
+    return {"profile": profile, "overrides": overrides, "train_pool": train_pool}
 '''
 
 STUB_DIFFUSION = '''
@@ -849,8 +857,8 @@ from prefect import flow
 
 
 @flow(name="distill-diffusion")
-def distill_diffusion(params: dict | None = None):
-    return params
+def distill_diffusion(profile: str = "smoke", overrides: dict | None = None, train_pool: str | None = None):
+    return {"profile": profile, "overrides": overrides, "train_pool": train_pool}
 '''
 
 STUB_TRAIN = '''
@@ -940,9 +948,9 @@ def _assert_deployments(deps: dict, project_dir: str):
         assert d.entrypoint == entrypoint
         want_dir = IMAGE_WORKDIR if key == "distill-train/gpu" else project_dir
         assert _pull_dir(d.pull_steps) == want_dir, d.pull_steps
-    assert deps["distill-cifar/local"].parameters == {"params": {"profile": "smoke"}}
+    assert deps["distill-cifar/local"].parameters == {"profile": "smoke"}
     weekly = deps["distill-cifar/gpu-weekly"]
-    assert weekly.parameters == {"params": {"profile": "seed", "train_pool": "gpu"}}
+    assert weekly.parameters == {"profile": "seed", "train_pool": "gpu"}
     (sched,) = weekly.schedules
     assert not sched.active  # deployed paused; production resumes it
     assert sched.schedule.cron == "0 3 * * 1"
@@ -973,10 +981,14 @@ def test_e2e_setup_pools_script(prefect_server, tmp_path):
     assert p["gpu"].type == "docker" and p["gpu"].concurrency_limit == 1
     assert p["gpu"].base_job_template == _load_json(POOLS / "docker-gpu.json")
 
-    out = run("--update-templates", DISTILL_GPU_CONCURRENCY="2")
+    out = run("--update-templates", DISTILL_GPU_CONCURRENCY="2", DISTILL_IMAGE="distill:0123abc")
     assert "concurrency limit 2" in out
     p = _run_async(pools())
     assert p["gpu"].concurrency_limit == 2 and p["gpu"].type == "docker"
+    # DISTILL_IMAGE pins the image the gpu pool runs (the rest of the template unchanged)
+    want = _load_json(POOLS / "docker-gpu.json")
+    want["variables"]["properties"]["image"]["default"] = "distill:0123abc"
+    assert p["gpu"].base_job_template == want
 
     # a pool of another type is reported, not replaced; the limit is still set
     r = subprocess.run(["bash", str(SETUP_POOLS)], cwd=tmp_path, capture_output=True, text=True, timeout=180,
@@ -1081,10 +1093,12 @@ def test_e2e_deploy_all_from_project_root(prefect_server):
         pytest.skip(f"{', '.join(missing)} not written yet; the stub-project e2e test covers deploy")
     server = prefect_server
     _create_pools(server)
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     _prefect(["--no-prompt", "deploy", "--all"], server, cwd=ROOT,
-             extra_env={"DISTILL_PROJECT_DIR": str(ROOT)}, timeout=600)
+             extra_env={"DISTILL_PROJECT_DIR": str(ROOT), "DISTILL_GIT_COMMIT": commit}, timeout=600)
     deps = _read_deployments(server)
     _assert_deployments(deps, str(ROOT))
+    assert commit and {d.version for d in deps.values()} == {commit}  # every deployment versioned by the commit
 
     # the server accepts runs of both distill-cifar deployments against the real parameter
     # schema (enforced by default in Prefect 3); delete them again, no worker runs them here

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -258,7 +259,7 @@ def test_pool_with_a_heartbeating_worker_is_served(harness):
 def test_pipeline_with_an_unserved_pool_fails_before_any_compute(harness, tmp_path, monkeypatch):
     """distill-cifar with train_pool naming a pool that no worker serves: the flow fails within seconds, naming
     the pool and the command that starts a worker, before data preparation or any dispatch."""
-    from flows.cifar import PipelineParams, distill_cifar
+    from flows.cifar import distill_cifar
     import flows.pipeline as pipeline
 
     name = f"idle2-{uuid.uuid4().hex[:6]}"
@@ -271,11 +272,104 @@ def test_pipeline_with_an_unserved_pool_fails_before_any_compute(harness, tmp_pa
     calls = []
     monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: calls.append("prepare"))
     monkeypatch.setattr(pipeline, "run_deployment", lambda *a, **k: calls.append("dispatch"))
-    params = PipelineParams(profile="smoke", train_pool=name, store_url=(tmp_path / "store").as_uri(),
-                            tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     t0 = time.monotonic()
-    state = distill_cifar(params, return_state=True)
+    state = distill_cifar(profile="smoke", train_pool=name, store_url=(tmp_path / "store").as_uri(),
+                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", return_state=True)
     assert state.is_failed() and time.monotonic() - t0 < 60
     with pytest.raises(pipeline.PoolUnavailable, match=f"prefect worker start --pool {name}"):
         state.result()
     assert calls == []
+
+
+def test_a_cross_field_error_fails_the_flow_run_at_once_with_a_state_message(harness, tmp_path, monkeypatch):
+    """warmup_epochs >= epochs passes the schema (each field is valid alone) but the flow's first act is to
+    validate the whole configuration: the run fails before any compute, its state message naming the field."""
+    import flows.pipeline as pipeline
+    from flows.cifar import distill_cifar
+
+    calls = []
+    monkeypatch.setattr(pipeline, "prepare_data", lambda *a, **k: calls.append("prepare"))
+    monkeypatch.setenv("DISTILL_WORK_DIR", str(tmp_path / "work"))
+    state = distill_cifar(overrides={"student_train": {"epochs": 2, "warmup_epochs": 2}},
+                          store_url=(tmp_path / "store").as_uri(), tracking_uri=f"sqlite:///{tmp_path / 'm.db'}",
+                          return_state=True)
+    assert state.is_failed() and calls == []
+    assert "student_train" in state.message and "warmup_epochs (2) must be smaller than epochs (2)" in state.message
+    assert not (tmp_path / "store").exists()
+
+
+def test_a_run_naming_one_parameter_keeps_the_deployments_others():
+    """The flow's parameters are top level, as Prefect merges them: a run that sets only ``overrides`` keeps the
+    deployment's profile and train_pool (it used to replace the one nested ``params`` object whole)."""
+    from flows.cifar import distill_cifar
+
+    deployment = {"profile": "seed", "train_pool": "gpu"}
+    run = {"overrides": {"seeds": [0, 1, 2]}}
+    merged = distill_cifar.validate_parameters({**deployment, **run})
+    assert merged["profile"] == "seed" and merged["train_pool"] == "gpu" and merged["overrides"].seeds == [0, 1, 2]
+    schema = distill_cifar.parameters.model_dump()
+    assert {"profile", "overrides", "train_pool", "store_url", "tracking_uri", "experiment", "max_parallel",
+            "register_models"} <= set(schema["properties"])
+    overrides = schema["definitions"]["LabConfigOverrides"]["properties"]
+    assert "profile" not in overrides  # one place for the profile
+    assert all("<" not in (p.get("description") or "") for p in schema["properties"].values())
+
+
+def test_a_dispatched_stage_no_worker_picks_up_is_cancelled_naming_the_pool(harness, monkeypatch):
+    """A stage's flow run waiting on a pool whose workers are gone does not wait forever: once no worker has
+    been online for $DISTILL_POOL_WAIT_S the run is cancelled and the error names the pool; a stage past
+    $DISTILL_STAGE_TIMEOUT_S is cancelled with a TimeoutError."""
+    from prefect.client.orchestration import get_client
+
+    from flows.pipeline import PoolUnavailable, wait_for_stage
+
+    gone, live = f"gone-{uuid.uuid4().hex[:6]}", f"busy-{uuid.uuid4().hex[:6]}"
+    with get_client(sync_client=True) as client:
+        _pool(client, gone)
+        _pool(client, live)
+        client.send_worker_heartbeat(live, "fake-worker", heartbeat_interval_seconds=30)
+        runs = {pool: client.create_flow_run_from_deployment(
+            client.read_deployment_by_name(f"distill-train/{pool}").id) for pool in (gone, live)}
+    monkeypatch.setenv("DISTILL_POOL_WAIT_S", "1")
+    t0 = time.monotonic()
+    with pytest.raises(PoolUnavailable, match=f"no worker is online on work pool '{gone}'"):
+        wait_for_stage(runs[gone].id, gone, "teacher", poll_s=0.1)
+    assert time.monotonic() - t0 < 30
+    with pytest.raises(TimeoutError, match=f"training stage student on pool '{live}' did not finish within 0.5 s"):
+        wait_for_stage(runs[live].id, live, "student", poll_s=0.1, timeout_s=0.5)
+    with get_client(sync_client=True) as client:
+        for fr in runs.values():
+            assert client.read_flow_run(fr.id).state.is_cancelled()
+
+
+def test_failure_alert_automation_is_created_once_and_matches_the_distill_flows(harness):
+    """infra/notify_on_failure.py against a real Prefect server: the block and the automation exist after one
+    call, a second call updates them in place, and the trigger listens for failed, crashed and timed-out runs of
+    the four distill flows."""
+    import importlib.util
+
+    from prefect.client.orchestration import get_client
+
+    spec = importlib.util.spec_from_file_location("notify", Path(__file__).resolve().parents[1] / "infra" /
+                                                  "notify_on_failure.py")
+    notify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(notify)
+    first = notify.apply("http://127.0.0.1:9/hook", kind="webhook")
+    second = notify.apply("http://127.0.0.1:9/other", kind="webhook")
+    assert first == second
+    with get_client(sync_client=True) as client:
+        (auto,) = client.read_automations_by_name(notify.AUTOMATION_NAME)
+    assert auto.enabled
+    assert set(auto.trigger.expect) == {"prefect.flow-run.Failed", "prefect.flow-run.Crashed",
+                                        "prefect.flow-run.TimedOut"}
+    related = auto.trigger.match_related
+    related = related[0] if isinstance(related, list) else related
+    assert set(related.root["prefect.resource.name"]) == {"distill-cifar", "distill-lm", "distill-diffusion",
+                                                          "distill-train"}
+    (action,) = auto.actions
+    assert action.type == "send-notification" and "flow_run.state.message" in action.body
+    from prefect.blocks.notifications import CustomWebhookNotificationBlock
+
+    assert str(CustomWebhookNotificationBlock.load(notify.BLOCK_NAME).url) == "http://127.0.0.1:9/other"
+    with pytest.raises(ValueError, match="slack' or 'webhook"):
+        notify.save_block("http://x", kind="pager")
