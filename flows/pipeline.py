@@ -24,6 +24,7 @@ from prefect.runtime import flow_run
 
 from distill.files import sha256_json
 from distill.kinds import INIT_NAME, Kind, Member, get_kind
+from distill.seedstats import seed_summary
 from tasks.lab import (
     INTEGRITY_MARKERS, TrainJob, git_commit, measure_speed, not_integrity_error, prefect_run_alive,
     prepare_data, stage_key, stage_result, work_dir,
@@ -602,7 +603,7 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
             data_key=data["data_key"],
             lineage={"data_manifest_sha256": data["manifest_sha256"], "prefect_flow_run_id": r.run_id,
                      "git_commit": r.commit, "teacher_key": tkey},
-            margin=r.cfg.promotion_margin,
+            margin=r.cfg.promotion_margin, evidence=_gate_evidence(kind, r.cfg, results, student),
         )
     report = publish_report(kind.name, results, registration, r.notes, r.store_url, r.run_id, tracker.tracking_uri,
                             params.experiment, r.parent)
@@ -631,6 +632,17 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
     r.store.put_json(summary, f"runs/{r.run_id}/summary.json")
     print(report["table"])
     return summary
+
+
+def _gate_evidence(kind: Kind, cfg: Any, results: dict[str, dict], student: str) -> Optional[dict]:
+    """With ``gate: ci_lower``: the paired per-seed gain of the main student over the baseline on the selection
+    metric (mean and 95 % interval) that the promotion gate must see clear the margin."""
+    if getattr(cfg, "gate", "mean") != "ci_lower":
+        return None
+    base = results[student].get("replica_of") or student
+    gain = (seed_summary(kind, results).get(base) or {}).get("gain_selection") or {}
+    return {"rule": "ci_lower", "metric": kind.selection.key, "n": gain.get("n", 0), "mean": gain.get("mean"),
+            "lo": gain.get("lo"), "hi": gain.get("hi")}
 
 
 def _jsonable(v: Any) -> Any:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Optional
 
 from prefect import task
 
@@ -34,6 +35,22 @@ def _tags(kind, role: str, r: dict, lineage: dict, versions: dict, uri: str) -> 
     return tags
 
 
+def ci_lower_veto(evidence: Optional[dict], margin: float) -> Optional[str]:
+    """With ``evidence`` of rule ``ci_lower`` (``metric``, ``n``, ``mean``, ``lo``, ``hi``: the paired per-seed
+    gain of the student over the baseline on the selection metric), the reason the student may not be promoted:
+    fewer than 2 seeds, or the interval's lower bound below ``margin``; None when the rule passes (the normal
+    gate then decides) or another rule applies."""
+    if not evidence or evidence.get("rule") != "ci_lower":
+        return None
+    n, lo, hi, metric = evidence.get("n") or 0, evidence.get("lo"), evidence.get("hi"), evidence.get("metric", "?")
+    if n < 2 or not isinstance(lo, (int, float)) or not math.isfinite(lo):
+        return f"ci_lower: the paired {metric} gain has no interval ({n} seed(s)); at least 2 seeds are needed"
+    if lo < margin:
+        return (f"ci_lower: the 95 % interval of the paired {metric} gain over {n} seeds is [{lo:.4f}, {hi:.4f}]; "
+                f"its lower bound {lo:.4f} < margin {margin:.4f}")
+    return None
+
+
 @task(name="register-models", retries=1)
 def register_models(
     kind_name: str,
@@ -45,6 +62,7 @@ def register_models(
     data_key: str,
     lineage: dict[str, str],
     margin: float,
+    evidence: Optional[dict] = None,
 ) -> dict:
     """Log teacher, baseline and student as registered models ``<experiment>-<role>`` with lineage tags (by the
     kind's ``extras["model_format"]``: ``pytorch``, the pytorch flavour with an input example; ``hf``, the
@@ -79,9 +97,12 @@ def register_models(
         log.info("%s: %s version %s%s", role, v["name"], v["version"], " (already registered)" if v.get("reused") else "")
     student = f"{experiment}-student"
     sel = kind.selection
+    veto = ci_lower_veto(evidence, margin)
     decision = tracker.promote(
         student, versions["student"]["version"], results["student"][sel.key], results["baseline"][sel.key], margin,
-        metric=sel.key, direction=sel.direction, lock=promotion_lock(store, student),
+        metric=sel.key, direction=sel.direction, lock=promotion_lock(store, student), veto=veto,
     )
+    decision.update({"rule": (evidence or {}).get("rule", "mean"),
+                     **({"evidence": evidence} if evidence else {})})
     log.info("promotion gate: %s (%s)", "promoted" if decision["promoted"] else "not promoted", decision["reason"])
     return {"versions": versions, "promotion": decision}

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional
 
 from distill.files import contained_path
 from distill.kinds import Column, Kind, comparison_rows, markdown_table
+from distill.seedstats import seed_summary, seed_table
 from tasks.secrets import redact_text, redact_url, strip_userinfo
 
 __all__ = ["artifact_markdown", "build_report", "curve_points", "fetch_sample_files", "formatted_rows",
@@ -26,10 +27,25 @@ _ROLE_ORDER = {"teacher": 0, "baseline": 1, "init": 2, "student": 3}
 
 
 def sweep_points(kind: Kind, results: dict[str, dict]) -> list[dict]:
-    """The sweep members (and the main student when it is one), with their coordinates and test metric."""
+    """The sweep members (and the main student when it is one), with their coordinates and test metric; with
+    replicas per seed, one point per member: the mean over its seeds, with ``lo`` / ``hi`` (the 95 % t
+    interval of the test metric) and ``n``."""
     tm = kind.test_metric
+    summary = seed_summary(kind, results)
+    if summary:
+        return [{**s["sweep"], "name": name, tm.key: s["test"]["mean"], "lo": s["test"]["lo"], "hi": s["test"]["hi"],
+                 "n": s["test"]["n"]} for name, s in summary.items() if s.get("sweep") and s.get("test")]
     return [{**r["sweep"], "name": name, tm.key: r["test"].get(tm.key)}
             for name, r in results.items() if r.get("sweep") and r.get("test")]
+
+
+def _baseline_band(kind: Kind, results: dict[str, dict]) -> tuple[Optional[float], Optional[tuple[float, float]]]:
+    """The baseline's test metric (its mean over seeds when replicated) and its 95 % interval (or None)."""
+    s = seed_summary(kind, results).get("baseline")
+    if s and s.get("test"):
+        t = s["test"]
+        return t["mean"], ((t["lo"], t["hi"]) if t.get("lo") is not None else None)
+    return results.get("baseline", {}).get("test", {}).get(kind.test_metric.key), None
 
 
 def _plt():
@@ -72,9 +88,11 @@ def plot_curves(kind: Kind, results: dict[str, dict], path: Path) -> Path | None
     return path
 
 
-def plot_sweep(kind: Kind, points: list[dict], baseline: float | None, path: Path) -> Path:
+def plot_sweep(kind: Kind, points: list[dict], baseline: float | None, path: Path,
+               band: Optional[tuple[float, float]] = None) -> Path:
     """The test metric across the sweep: a line per value of the second axis against a numeric first axis
-    (temperature), or grouped bars for a categorical first axis (the LM loss kind)."""
+    (temperature), or grouped bars for a categorical first axis (the LM loss kind). Points with ``lo`` / ``hi``
+    (means over seeds) get error bars of their 95 % interval; ``band``: the baseline's interval, shaded."""
     plt = _plt()
     tm = kind.test_metric
     xkey, lkey = kind.sweep_axes
@@ -84,8 +102,14 @@ def plot_sweep(kind: Kind, points: list[dict], baseline: float | None, path: Pat
     groups = sorted({p.get(lkey) for p in points}, key=str) if lkey else [None]
     if numeric:
         for g in groups:
-            pts = sorted((p[xkey], scale * p[tm.key]) for p in points if p.get(lkey) == g)
-            ax.plot([q[0] for q in pts], [q[1] for q in pts], "o-", label=f"student, {lkey}={g}" if lkey else "student")
+            pts = sorted((p for p in points if p.get(lkey) == g), key=lambda p: p[xkey])
+            xs, ys = [p[xkey] for p in pts], [scale * p[tm.key] for p in pts]
+            label = f"student, {lkey}={g}" if lkey else "student"
+            if all(p.get("lo") is not None for p in pts):
+                err = [[y - scale * p["lo"] for p, y in zip(pts, ys)], [scale * p["hi"] - y for p, y in zip(pts, ys)]]
+                ax.errorbar(xs, ys, yerr=err, fmt="o-", capsize=3, label=f"{label} (mean, 95 % CI)")
+            else:
+                ax.plot(xs, ys, "o-", label=label)
         ax.set_xscale("log", base=2)
     else:
         xs = sorted({str(p.get(xkey)) for p in points})
@@ -97,6 +121,8 @@ def plot_sweep(kind: Kind, points: list[dict], baseline: float | None, path: Pat
         ax.set_xticks([i + width * (len(groups) - 1) / 2 for i in range(len(xs))], xs)
     if baseline is not None:
         ax.axhline(scale * baseline, color="grey", ls="--", label="baseline (hard labels)")
+    if band is not None:
+        ax.axhspan(scale * band[0], scale * band[1], color="grey", alpha=0.15, label="baseline 95 % CI")
     ax.set(title=f"{tm.label or tm.key} across the sweep", xlabel=xkey, ylabel=tm.key)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -224,7 +250,13 @@ def _promotion_lines(kind: Kind, p: dict) -> list[str]:
             f"(margin {_num(p.get('margin'))}, {rule} wins); champion before: {p.get('champion_version_before') or 'none'}")
     if champ is not None:
         line += f" ({_num(champ)})"
-    return ["## Promotion gate", "", line,
+    rule = []
+    if p.get("rule") == "ci_lower" and p.get("evidence"):
+        e = p["evidence"]
+        rule = [f"- rule ci_lower: the lower bound of the 95 % interval of the paired {e.get('metric')} gain over "
+                f"{e.get('n')} seeds must reach the margin: interval [{_num(e.get('lo'))}, {_num(e.get('hi'))}], "
+                f"mean {_num(e.get('mean'))}, margin {_num(p.get('margin'))}"]
+    return ["## Promotion gate", "", line, *rule,
             f"- decision: **{'promoted to champion' if p['promoted'] else 'not promoted'}** ({p['reason']})", ""]
 
 
@@ -263,12 +295,14 @@ def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, n
     rows = comparison_rows(kind, results)
     table = markdown_table(kind.columns, rows)
     tm = kind.test_metric
-    baseline = results.get("baseline", {}).get("test", {}).get(tm.key)
+    baseline, band = _baseline_band(kind, results)
     curves = plot_curves(kind, results, out_dir / "training_curves.png")
     points = sweep_points(kind, results)
-    sweep_png = plot_sweep(kind, points, baseline, out_dir / f"{tm.key}_across_sweep.png") if len(points) > 1 else None
+    sweep_png = (plot_sweep(kind, points, baseline, out_dir / f"{tm.key}_across_sweep.png", band=band)
+                 if len(points) > 1 else None)
     steps_png = plot_quality_vs_steps(kind, results, out_dir / "quality_vs_steps.png")
-    lines = [f"# {kind.flow} comparison", "", table, ""]
+    seeds = seed_table(kind, results)
+    lines = [f"# {kind.flow} comparison", "", table, ""] + ([seeds, ""] if seeds else [])
     speed = {r.get("test", {}).get("speed_measured") for r in results.values()}
     if speed == {"alone"}:
         lines += ["Speed columns: each model measured on its own after every training stage had finished.", ""]
@@ -301,7 +335,7 @@ def build_report(kind: Kind, results: dict[str, dict], promotion: dict | None, n
         lines += ["Plots: " + ", ".join(p.name for p in plots)]
     md = "\n".join(lines) + "\n"
     (out_dir / "report.md").write_text(md)
-    return {"markdown": md, "table": table, "rows": rows,
+    return {"markdown": md, "table": table, "rows": rows, "seed_summary": seed_summary(kind, results),
             "files": [str(p) for p in (out_dir / "report.md", *plots)]}
 
 

@@ -827,6 +827,7 @@ class Tracker:
         direction: Direction = "max",
         lock: PromotionLock | None = None,
         pending_ttl_s: float = PENDING_TTL_S,
+        veto: str | None = None,
     ) -> dict[str, Any]:
         """Gate on ``metric`` (higher wins with ``direction="max"``, e.g. ``val_acc``; lower wins with
         ``"min"``, e.g. ``val_ppl`` or ``fid``): alias ``challenger`` -> version always; alias ``champion`` ->
@@ -854,14 +855,17 @@ class Tracker:
         the champion is rejected in favour of that one (a tie goes to the lower version).  So however the lock
         orders candidates that overlap in time, exactly the strongest is promoted.  Announcements on another
         metric or direction cannot be compared and are ignored, as are those older than ``pending_ttl_s`` or of
-        a dead owner (same-host check); the tag is removed once the candidate has decided."""
+        a dead owner (same-host check); the tag is removed once the candidate has decided.  ``veto``: a reason
+        from a rule the caller checked (``gate: ci_lower``): the candidate gets the challenger alias and its tags
+        but is not promoted, and announces nothing."""
         if direction not in DIRECTIONS:
             raise TrackingError(f"promotion direction must be one of {DIRECTIONS}, not {direction!r}")
         if not isinstance(metric, str) or not metric or metric != metric.strip():
             raise TrackingError(f"promotion metric must be a non-empty tag name, not {metric!r}")
         version = str(version)
-        gate = _Gate(metric, direction, float(candidate), float(baseline), float(margin))
-        self._announce(name, version, gate)
+        gate = _Gate(metric, direction, float(candidate), float(baseline), float(margin), veto)
+        if veto is None:  # a vetoed candidate is no rival of anyone
+            self._announce(name, version, gate)
         try:
             with self._promotion_lock(name, lock):
                 try:
@@ -991,6 +995,8 @@ class _Gate:
     candidate: float
     baseline: float
     margin: float
+    #: a reason from a rule the caller checked (e.g. the seeds' interval): the candidate is not promoted
+    veto: str | None = None
 
     @property
     def threshold(self) -> float:
@@ -1007,6 +1013,8 @@ class _Gate:
     def decide(self, version: str, champ_version: str | None, champ_value: float | None,
                rivals: list[tuple[str, float, float]]) -> tuple[bool, str]:
         """(promoted, reason); ``rivals``: concurrently announced (version, value, threshold) on this metric."""
+        if self.veto is not None:
+            return False, self.veto
         m, c, thr = self.metric, self.candidate, self.threshold
         if champ_version == version:
             return True, f"version {version} is already the champion"

@@ -403,6 +403,13 @@ def test_seeds_train_as_one_lockstep_stage_with_a_run_per_member(env):
     assert "Across seeds" in report
 
     # a second run with one more seed reuses the six members trained above and trains only the new seed's
-    again = _run(env, overrides_extra={"seeds": [0, 1, 2], **fresh}, experiment="seeds")
+    # (with gate ci_lower and a margin no interval reaches: the student is not promoted, the report says why)
+    again = _run(env, overrides_extra={"seeds": [0, 1, 2], **fresh, "gate": "ci_lower", "promotion_margin": 0.5},
+                 experiment="seeds")
     assert {n for n, r in again["results"].items() if r.get("reused")} == {"teacher"} | replicas
     assert not again["results"]["baseline-s2"].get("reused")
+    promo = again["registration"]["promotion"]
+    assert promo["rule"] == "ci_lower" and not promo["promoted"] and promo["evidence"]["n"] == 3
+    assert promo["reason"].startswith("ci_lower: the 95 % interval of the paired val_acc gain over 3 seeds")
+    report = open_store(env["store"]).get_dir_file(f"runs/{again['flow_run_id']}/report", "report.md").decode()
+    assert "rule ci_lower" in report

@@ -651,3 +651,28 @@ def test_database_uri_credentials_are_redacted_for_display(no_mlflow_creds):
         Tracker(f"postgresql://alice:{PASSWORD}@127.0.0.1:{free_port()}/mlflow", "x")
     _no_secret(str(info.value))
     assert "***@127.0.0.1" in str(info.value)
+
+
+def test_promotion_veto_keeps_the_champion_and_tags_the_candidate(tracker, tmp_path):
+    """gate ci_lower: a student whose interval crosses the margin is vetoed (challenger, tags, no champion move)
+    even though its mean beats the baseline and the champion; without a veto the same numbers promote."""
+    from tasks.registry import ci_lower_veto
+
+    name = uid("veto")
+    v1 = _cheap_version(tracker, name, tmp_path, 0.70)
+    assert tracker.promote(name, v1, 0.70, baseline=0.60, margin=0.0)["promoted"]
+    v2 = _cheap_version(tracker, name, tmp_path, 0.80)
+    veto = ci_lower_veto({"rule": "ci_lower", "metric": "val_acc", "n": 3, "mean": 0.004, "lo": -0.002, "hi": 0.010},
+                         0.0)
+    assert veto and "lower bound -0.0020 < margin 0.0000" in veto and "3 seeds" in veto
+    r = tracker.promote(name, v2, 0.80, baseline=0.60, margin=0.0, veto=veto)
+    assert not r["promoted"] and r["reason"] == veto and r["champion_version_after"] == v1
+    assert str(tracker.client.get_model_version_by_alias(name, "challenger").version) == v2
+    assert tracker.client.get_model_version(name, v2).tags["promotion.decision"] == "rejected"
+    assert PROMOTION_PENDING_TAG not in tracker.client.get_model_version(name, v2).tags
+    # the interval clears the margin: no veto, the normal gate promotes
+    ok = ci_lower_veto({"rule": "ci_lower", "metric": "val_acc", "n": 3, "mean": 0.01, "lo": 0.003, "hi": 0.02}, 0.002)
+    assert ok is None
+    assert tracker.promote(name, v2, 0.80, baseline=0.60, margin=0.0, veto=ok)["promoted"]
+    assert "at least 2 seeds" in ci_lower_veto({"rule": "ci_lower", "metric": "val_acc", "n": 1, "lo": None}, 0.0)
+    assert ci_lower_veto({"rule": "mean"}, 0.0) is None and ci_lower_veto(None, 0.0) is None

@@ -30,6 +30,7 @@ from . import __version__
 from . import home as distill_home
 from .image.config import parse_overrides
 from .kinds import get_kind, kind_names
+from .seedstats import seed_table
 
 log = logging.getLogger("distill.cli")
 
@@ -145,10 +146,6 @@ def _config(args):
 
 def _print(obj) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
-
-
-def seed_table(kind, results: dict) -> str:
-    return ""  # TODO(seedstats)
 
 
 def run_lab(kind, cfg, out: Path) -> dict:
