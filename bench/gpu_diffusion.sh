@@ -3,7 +3,7 @@
 #
 #     bash bench/gpu_diffusion.sh        # log + JSON to $OUT if set, else to bench/out/
 #
-# NOT RUN YET: written without a GPU (no device was lent to the session that wrote it; see bench/RESULTS.md).
+# NOT RUN YET in this form (bench/gpu_check.sh ran a shorter diffusion lab on an H200: see bench/RESULTS.md).
 #
 # What it runs: `distill lab --kind diffusion --profile full` (CIFAR-10 at 32x32, the half-width DDPM-CIFAR UNet,
 # bf16 autocast + channels_last, images resident on the GPU) with the step counts cut to fit the call:

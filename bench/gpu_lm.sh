@@ -3,7 +3,7 @@
 #
 #     bash bench/gpu_lm.sh            # JSON + log to $OUT if set, else to bench/out/
 #
-# NOT RUN YET: written without a GPU (see bench/RESULTS.md). Estimated 3-4.5 minutes on an H100/H200, most of it
+# NOT RUN YET (bench/gpu_check.sh ran an LM lab on CUDA on an H200, see bench/RESULTS.md). Estimated 3-4.5 minutes on an H100/H200, most of it
 # the start-up of the 7 worker processes (CUDA init, imports, loading the teacher) and the on-policy TRL row's
 # generation.
 #
