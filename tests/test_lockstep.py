@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _imagefolder import make_imagefolder, tiny_overrides
-from distill.checkpoint import latest_checkpoint, load_checkpoint
+from distill.checkpoint import latest_checkpoint, load_checkpoint, retained_checkpoints
 from distill.image import stages
 from distill.image.config import KDConfig, TrainConfig, load_profile
 from distill.image.kind import KIND
@@ -82,6 +82,8 @@ def test_group_resumes_after_a_kill_bit_identically(teacher, tmp_path):
         assert [h["train_loss"] for h in out[name][1].history] == [h["train_loss"] for h in ref[name][1].history]
     _, st = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert sorted(st["members"]) == sorted(ref)
+    # a group keeps its last checkpoints only (each holds every member's best weights): no best-epoch pins
+    assert sorted(retained_checkpoints(tmp_path / "run")) == ["epoch-0002", "epoch-0003"]
 
 
 def test_group_refuses_duplicate_names_and_kd_without_teacher():

@@ -276,7 +276,10 @@ class _Trainer:
             state = {**self.members[0].state(), "rng": _rng_state()}
         else:
             state = {"members": {m.name: m.state() for m in self.members}, "rng": _rng_state()}
-        pinned = sorted({m.result.best_epoch for m in self.members if m.result.best_epoch}) if cfg.keep_best_checkpoint else []
+        # every checkpoint holds each member's best weights; pinning the best epochs of a whole group would keep
+        # up to one checkpoint of every member per distinct best epoch, so only a single fit pins its best
+        best = self.members[0].result.best_epoch
+        pinned = [best] if (cfg.keep_best_checkpoint and self.flat_state and best) else []
         return save_checkpoint(root, epoch, state, fingerprint=fingerprint, keep_last=cfg.keep_checkpoints, keep_epochs=pinned)
 
     # --- training ------------------------------------------------------------------------------------------
