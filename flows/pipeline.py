@@ -456,6 +456,8 @@ def _stages(r: _Run) -> dict:
     problems = kind.batch_errors(r.cfg, data["n_train"])
     if problems:  # a config error, before any stage is dispatched
         raise ValueError("; ".join(problems))
+    r.tracker.log_dataset(r.parent, name=f"distill-{kind.name}-data", digest=data["manifest_sha256"],
+                          source=data["uri"], profile={"n_train": data.get("n_train")})
 
     # --- teacher, then the kind's init stage: reused when a completed stage with the same key verifies --------
     tjob = r.job("teacher", "teacher", data)
@@ -525,7 +527,15 @@ def _run_members(r: _Run, members: list[Member], data: dict, teacher: dict,
         reused.add(m.name)
         return Reused(found)
 
-    done = schedule_members(units, build, stage_submitter(r.params.train_pool), r.params.max_parallel)
+    # stages that may run at once: each CPU stage takes that share of the cores as torch threads (the teacher and
+    # init stages run alone and keep them all)
+    concurrent = max(1, min(r.params.max_parallel, len(units)))
+
+    def build_concurrent(m: Member, so_far: dict[str, dict]) -> Any:
+        job = build(m, so_far)
+        return job.model_copy(update={"concurrent": concurrent}) if isinstance(job, TrainJob) else job
+
+    done = schedule_members(units, build_concurrent, stage_submitter(r.params.train_pool), r.params.max_parallel)
     out: dict[str, dict] = {}
     for m in members:  # in the plan's order
         if m.group in groups:
@@ -604,6 +614,7 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
             lineage={"data_manifest_sha256": data["manifest_sha256"], "prefect_flow_run_id": r.run_id,
                      "git_commit": r.commit, "teacher_key": tkey},
             margin=r.cfg.promotion_margin, evidence=_gate_evidence(kind, r.cfg, results, student),
+            parent_run_id=r.parent,
         )
     report = publish_report(kind.name, results, registration, r.notes, r.store_url, r.run_id, tracker.tracking_uri,
                             params.experiment, r.parent)
@@ -614,7 +625,7 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
         "kd_gain": tm.gain(results[student]["test"][tm.key], results["baseline"]["test"][tm.key]),
     })
     keep = ("test", "model_prefix", "mlflow_run_id", "executed_by", "reused", "stage_key", "resumed_from_epoch",
-            "resumed_from_step", "teacher_name", "seed", "replica_of", kind.selection.key)
+            "resumed_from_step", "teacher_name", "seed", "replica_of", "group", kind.selection.key)
     summary = redact({
         "kind": kind.name,
         "flow_run_id": r.run_id,

@@ -28,8 +28,9 @@ STAGE_LOCK_TIMEOUT = float(os.environ.get("DISTILL_STAGE_LOCK_TIMEOUT", 6 * 3600
 
 @flow(name="distill-train", log_prints=True, flow_run_name="{job.name}")
 def distill_train(job: TrainJob) -> dict:
+    threads = _set_threads(job)
     if job.members:
-        return _group(job)
+        return _group(job, threads)
     store = open_store(job.store_url)
     with store.lock(f"locks/{job.out_prefix}", ttl=STAGE_LOCK_TTL, timeout=STAGE_LOCK_TIMEOUT):
         done = stage_result(store, job.out_prefix)
@@ -48,8 +49,7 @@ def distill_train(job: TrainJob) -> dict:
                 "out_prefix": job.out_prefix,
                 "data_key": job.data_key,
                 "reused": False,
-                "executed_by": {"host": socket.gethostname(), "flow_run_id": fr_id or "", "pool": _pool(),
-                                "worker": os.environ.get("DISTILL_WORKER_NAME")},
+                "executed_by": _executed_by(fr_id, threads),
             }
             store.put_json(result, f"{job.out_prefix}/result.json")  # last: the stage is complete
         drop_checkpoints(store, job)
@@ -58,7 +58,7 @@ def distill_train(job: TrainJob) -> dict:
     return result
 
 
-def _group(job: TrainJob) -> dict:
+def _group(job: TrainJob, threads: int) -> dict:
     """A lockstep group stage: one training of every member together, then each member evaluated as a stage of
     its own (``<prefix>/<name>``), each with its own nested MLflow run. result.json holds every member's result."""
     store = open_store(job.store_url)
@@ -77,8 +77,7 @@ def _group(job: TrainJob) -> dict:
                 if run_id:
                     scopes.enter_context(tracker.run_scope(run_id))
             trained = train_group_stage.with_options(task_run_name=_run_name("train", job.name))(job, run_ids)
-            executed_by = {"host": socket.gethostname(), "flow_run_id": fr_id or "", "pool": _pool(),
-                           "worker": os.environ.get("DISTILL_WORKER_NAME")}
+            executed_by = _executed_by(fr_id, threads)
             members = {}
             for v in views:  # each member completes as the stage it would be alone (its own result.json)
                 metrics = evaluate_stage.with_options(task_run_name=_run_name("evaluate", v.name))(v, trained[v.name])
@@ -92,6 +91,25 @@ def _group(job: TrainJob) -> dict:
         print(f"{job.name}: group stage done ({len(views)} models); held-out {key}: " + ", ".join(
             f"{n} {members[n]['test'].get(key, float('nan')):.4f}" for n in names))
     return result
+
+
+def _set_threads(job: TrainJob) -> int:
+    """Torch threads of this stage: its share of this machine's cores among the ``job.concurrent`` stages that
+    may run at once (on a process pool each is a process of its own; in-process, a thread of the flow's
+    process), or ``$DISTILL_TORCH_THREADS``. Returns the count set."""
+    import torch
+
+    from distill.runtime import stage_threads, usable_cpus
+
+    n = stage_threads(usable_cpus(), job.concurrent, os.environ.get("DISTILL_TORCH_THREADS"))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+def _executed_by(flow_run_id: str | None, threads: int) -> dict:
+    return {"host": socket.gethostname(), "flow_run_id": flow_run_id or "", "pool": _pool(),
+            "worker": os.environ.get("DISTILL_WORKER_NAME"), "torch_threads": threads}
 
 
 def _run_name(verb: str, stage: str):

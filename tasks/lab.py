@@ -77,6 +77,8 @@ class TrainJob(BaseModel):
     seed: Optional[int] = Field(None, ge=0, description="seed of the initial weights (kinds that train replicas per seed)")
     members: Optional[list[dict]] = Field(
         None, description="role 'group': the members trained together in this stage, each {role, name, kd, seed}")
+    concurrent: int = Field(1, ge=1, description="training stages that may run at once (the flow's max_parallel): "
+                                                 "a CPU stage takes its share of the cores as torch threads")
 
     @model_validator(mode="after")
     def _group(self):
@@ -401,8 +403,13 @@ def start_stage_run(job: TrainJob, tracker: Tracker, flow_run_id: Optional[str])
     if flow_run_id:
         tags["distill.owner.flow_run_id"] = flow_run_id
     if job.parent_run_id:
-        return tracker.start_child(job.parent_run_id, job.name, params, tags)
-    return tracker.start_parent(job.name, params, tags)
+        run_id = tracker.start_child(job.parent_run_id, job.name, params, tags)
+    else:
+        run_id = tracker.start_parent(job.name, params, tags)
+    # the data snapshot this stage trains on (its key is data/<manifest sha256>): the UI's Dataset column
+    tracker.log_dataset(run_id, name=f"distill-{job.kind}-data", digest=job.data_key.rsplit("/", 1)[-1],
+                        source=open_store(job.store_url).uri(job.data_key))
+    return run_id
 
 
 def log_history(tracker: Tracker, run_id: str, history: list[dict], upto_epoch: int) -> None:
@@ -579,8 +586,21 @@ def upload_eval_files(store: Store, folder: Path, files: Any, prefix: str, track
 @task(name="measure-speed", retries=1, retry_condition_fn=not_integrity_error)
 def measure_speed(kind_name: str, lab: dict, store_url: str, data_key: str, model_prefix: str) -> dict:
     """Latency and throughput of one model, measured while nothing else trains (the pipeline calls it for
-    each model after the training stages have finished, one at a time)."""
+    each model after the training stages have finished, one at a time), with a fixed torch thread count
+    (``speed_threads`` in the result)."""
+    import torch
+
+    from distill.runtime import stage_threads, usable_cpus
+
     kind = get_kind(kind_name)
     cfg = kind.config_model.model_validate(lab)
     store = open_store(store_url)
-    return kind.speed(fetch_dir(store, model_prefix, "models"), fetch_dir(store, data_key, "data"), cfg)
+    model_dir, data_dir = fetch_dir(store, model_prefix, "models"), fetch_dir(store, data_key, "data")
+    # a fixed thread count, recorded with the figures: every core (or $DISTILL_TORCH_THREADS), as nothing else runs
+    threads = stage_threads(usable_cpus(), 1, os.environ.get("DISTILL_TORCH_THREADS"))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {**kind.speed(model_dir, data_dir, cfg), "speed_threads": threads}
+    finally:
+        torch.set_num_threads(before)

@@ -16,6 +16,7 @@ from distill.files import contained_path
 from distill.kinds import Column, Kind, comparison_rows, markdown_table
 from distill.seedstats import seed_summary, seed_table
 from tasks.secrets import redact_text, redact_url, strip_userinfo
+from tasks.tracking import UI_RUNS_VIEW
 
 __all__ = ["artifact_markdown", "build_report", "curve_points", "fetch_sample_files", "formatted_rows",
            "mlflow_run_line", "plot_quality_vs_steps", "sweep_points"]
@@ -357,10 +358,10 @@ def mlflow_run_line(tracking_uri: Optional[str], experiment_id: Optional[str], r
     scheme = uri.split(":", 1)[0].lower() if "://" in uri else ""
     if scheme in ("http", "https"):
         base = strip_userinfo(uri)[0].split("#", 1)[0].rstrip("/")
-        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else f"{base}/#/"
+        url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_RUNS_VIEW}" if experiment_id else f"{base}/#/"
         return f"MLflow run: [{url}]({url})" if experiment_id else f"MLflow: [{url}]({url}) (run {run_id})"
     shown = redact_url(uri) or ""
-    where = f"/#/experiments/{experiment_id}/runs/{run_id}" if experiment_id else "/#/"
+    where = f"/#/experiments/{experiment_id}/runs/{run_id}?{UI_RUNS_VIEW}" if experiment_id else "/#/"
     return (f"MLflow run {run_id}: serve the tracking store with `mlflow ui --backend-store-uri "
             f"{shlex.quote(shown)} --port 5000` and open http://127.0.0.1:5000{where}")
 

@@ -267,6 +267,26 @@ def owner_liveness(tags: Mapping[str, str]) -> tuple[bool | None, str]:
     return None, f"cannot tell whether process {pid} on {host} is running"
 
 
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses (often GenAI)
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# the query that opens the runs (machine-learning) view whatever the browser last used
+UI_RUNS_VIEW = "workflowType=machine_learning"
+
+
+def _standard_tags(tags: Mapping[str, str]) -> dict[str, str]:
+    """MLflow's own tags for what our tags already say, so the UI's Source and Version columns fill in: the code
+    (``git_commit`` -> ``mlflow.source.git.commit``) and the pipeline that ran (``distill.kind`` ->
+    ``mlflow.source.name`` ``distill-<kind>``, type JOB). Tags set explicitly win."""
+    out: dict[str, str] = {}
+    commit = tags.get("git_commit")
+    if commit and commit != "unknown" and "mlflow.source.git.commit" not in tags:
+        out["mlflow.source.git.commit"] = commit
+    if tags.get("distill.kind") and "mlflow.source.name" not in tags:
+        out["mlflow.source.name"] = f"distill-{tags['distill.kind']}"
+        out["mlflow.source.type"] = "JOB"
+    return out
+
+
 def _client_uri(uri: str) -> tuple[str, list[str]]:
     """(URI handed to MLflow, secrets to redact).  ``http(s)://user:pw@host`` -> ``http(s)://host`` with the
     credentials put into ``MLFLOW_TRACKING_USERNAME`` / ``_PASSWORD`` (only where those are not set).
@@ -328,16 +348,21 @@ class Tracker:
         return redact_text(text, self._secrets)
 
     def _get_or_create_experiment(self, name: str, artifact_location: str | None) -> str:
+        """The experiment's id, created when missing; tagged as a model-training experiment
+        (:data:`EXPERIMENT_KIND_TAG`) so that MLflow 3's UI opens it on its runs view, not the GenAI one."""
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
             try:
-                return self.client.create_experiment(name, artifact_location=artifact_location)
+                return self.client.create_experiment(name, artifact_location=artifact_location,
+                                                     tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
             except MlflowException:  # created concurrently?
                 exp = self.client.get_experiment_by_name(name)
                 if exp is None:
                     raise
         if exp.lifecycle_stage == "deleted":
             self.client.restore_experiment(exp.experiment_id)
+        if EXPERIMENT_KIND_TAG not in exp.tags:  # made before the tag existed, or by someone else
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return exp.experiment_id
 
     # -- runs ------------------------------------------------------------------------
@@ -363,6 +388,7 @@ class Tracker:
                 self.log_params(existing, params or {})
                 return existing
         tags.update(owner_tags(self.owner_flow_run_id))
+        tags.update(_standard_tags(tags))
         run = self.client.create_run(self.experiment_id, tags=tags, run_name=run_name)  # not retried: no duplicates
         run_id = run.info.run_id
         if params:
@@ -483,6 +509,19 @@ class Tracker:
         return True
 
     # -- logging ---------------------------------------------------------------------
+    def log_dataset(self, run_id: str, *, name: str, digest: str, source: str, context: str = "training",
+                    profile: Mapping[str, Any] | None = None) -> None:
+        """Record the data snapshot a run used as an MLflow dataset input (the UI's Dataset column and the run's
+        Datasets panel): ``digest`` is the snapshot's manifest sha256 (MLflow keeps the first 36 characters; the
+        whole one is in the profile), ``source`` its store URI, ``context`` e.g. training or evaluation."""
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        full = {"manifest_sha256": digest, **(profile or {})}
+        dataset = Dataset(name=name, digest=digest[:36], source_type="distill-store",
+                          source=json.dumps({"uri": source}), profile=json.dumps(full, default=str))
+        tags = [InputTag(key="mlflow.data.context", value=context)]
+        self._with_retries(self.client.log_inputs, run_id, datasets=[DatasetInput(dataset, tags)])
+
     def log_fn(self, run_id: str) -> Callable[[dict, int], None]:
         """A ``callable(metrics, step)`` for the compute core's training loop."""
 
@@ -560,18 +599,25 @@ class Tracker:
         input_example: "numpy.ndarray",
         registered_name: str,
         tags: Mapping[str, Any] | None = None,
+        *,
+        model_name: str = MODEL_ARTIFACT_NAME,
+        metadata: Mapping[str, Any] | None = None,
+        description: str | None = None,
+        model_description: str | None = None,
     ) -> dict[str, Any]:
         """Log ``model`` (pytorch flavour, torch.export "pt2", signature inferred from
         ``input_example``; a batch of 1 is doubled so the exported batch dimension stays
-        dynamic; the model is put in eval mode for the export) as a LoggedModel of ``run_id``
-        and register it under
-        ``registered_name`` with ``tags`` on the version (lineage).
+        dynamic; the model is put in eval mode for the export) as a LoggedModel ``model_name`` of ``run_id``
+        (``metadata`` in its MLmodel file) and register it under ``registered_name`` with ``tags`` on the version
+        (lineage) and ``description`` as the version's description (``model_description``: the registered model's,
+        set when it has none).
 
-        Idempotent per (registered_name, run_id): if such a version exists, nothing is
-        logged again; its tags are (re)applied and it is returned with ``reused=True``.
+        Idempotent per (registered_name, run_id): if such a version exists, nothing is logged again; tags it
+        lacks are added (the ones it has are kept: its lineage is the run that made it) and it is returned with
+        ``reused=True``.
         """
         tags = _str_tags(tags)
-        reused = self._reuse_version(registered_name, run_id, tags)
+        reused = self._reuse_version(registered_name, run_id, tags, description)
         if reused is not None:
             return reused
 
@@ -584,7 +630,7 @@ class Tracker:
         # global / default experiment rather than the run's.
         logged = self.client.create_logged_model(
             experiment_id=run.info.experiment_id,
-            name=MODEL_ARTIFACT_NAME,
+            name=model_name,
             source_run_id=run_id,
             tags=tags or None,
         )
@@ -610,20 +656,25 @@ class Tracker:
                     run_id=run_id,  # forwarded to mlflow.models.Model.log: links the model to the run
                     pip_requirements=requirements,  # explicit: skips MLflow's slow requirement inference
                     serialization_format="pt2",
+                    metadata=dict(metadata) if metadata else None,
                 )
-                self._ensure_registered_model(registered_name)
-                version = self.client.create_model_version(
-                    name=registered_name,
-                    source=f"models:/{logged.model_id}",
-                    run_id=run_id,
-                    tags=tags or None,
-                    model_id=logged.model_id,
-                )
+                info = self._register(registered_name, logged.model_id, run_id, tags, description, model_description)
         finally:
             model.train(was_training)
-        info = self._version_info(version, reused=False)
-        info["logged_model_uri"] = f"models:/{logged.model_id}"
         log.info("registered %s version %s from run %s", registered_name, info["version"], run_id)
+        return info
+
+    def _register(self, registered_name: str, model_id: str, run_id: str, tags: Mapping[str, str],
+                  description: str | None, model_description: str | None) -> dict[str, Any]:
+        """A new version of ``registered_name`` (created when missing, with ``model_description``) from the
+        LoggedModel ``model_id``."""
+        self._ensure_registered_model(registered_name, model_description)
+        version = self.client.create_model_version(
+            name=registered_name, source=f"models:/{model_id}", run_id=run_id, tags=tags or None,
+            model_id=model_id, description=description,
+        )
+        info = self._version_info(version, reused=False)
+        info["logged_model_uri"] = f"models:/{model_id}"
         return info
 
     def log_model_folder(
@@ -635,11 +686,15 @@ class Tracker:
         *,
         flavor: HFFlavor = "transformers",
         task: str = "text-generation",
+        model_name: str = MODEL_ARTIFACT_NAME,
+        description: str | None = None,
+        model_description: str | None = None,
     ) -> dict[str, Any]:
         """Log a Hugging Face model folder (``config.json``, safetensors weights, tokenizer files) as a
         LoggedModel of ``run_id`` and register it under ``registered_name`` with ``tags`` on the version.
-        Idempotent per (registered_name, run_id) like :meth:`log_model`: an existing version is reused (its
-        tags re-applied, ``reused=True``); returns the same dict as :meth:`log_model`.  Nothing is downloaded
+        Idempotent per (registered_name, run_id) like :meth:`log_model`: an existing version is reused (tags it
+        lacks added, ``reused=True``); returns the same dict as :meth:`log_model`; ``model_name``,
+        ``description`` and ``model_description`` as there.  Nothing is downloaded
         (everything is read with ``local_files_only``) and nothing is pickled (weights stay safetensors).
 
         ``flavor="transformers"`` (default): MLflow's transformers flavour, ``task`` its pipeline task.  The
@@ -675,39 +730,39 @@ class Tracker:
         if flavor == "transformers" and not (folder / "config.json").is_file():
             raise TrackingError(f"{folder} has no config.json: not a transformers model folder (use flavor='files')")
         tags = _str_tags(tags)
-        reused = self._reuse_version(registered_name, run_id, tags)
+        reused = self._reuse_version(registered_name, run_id, tags, description)
         if reused is not None:
             return reused
 
         components = self._load_hf_folder(folder, task) if flavor == "transformers" else None  # fails early
         run = self.client.get_run(run_id)
         logged = self.client.create_logged_model(
-            experiment_id=run.info.experiment_id, name=MODEL_ARTIFACT_NAME, source_run_id=run_id, tags=tags or None,
+            experiment_id=run.info.experiment_id, name=model_name, source_run_id=run_id, tags=tags or None,
         )
         if components is not None:
             self._log_transformers_components(logged.model_id, run_id, components, task)
         else:
             self._log_files_folder(logged.model_id, run_id, folder, task)
         with _global_tracking_uri(self.tracking_uri):  # the registry store resolves the LoggedModel globally
-            self._ensure_registered_model(registered_name)
-            version = self.client.create_model_version(
-                name=registered_name, source=f"models:/{logged.model_id}", run_id=run_id, tags=tags or None,
-                model_id=logged.model_id,
-            )
-        info = self._version_info(version, reused=False)
-        info["logged_model_uri"] = f"models:/{logged.model_id}"
+            info = self._register(registered_name, logged.model_id, run_id, tags, description, model_description)
         log.info("registered %s version %s from run %s (%s folder %s)", registered_name, info["version"], run_id,
                  flavor, folder)
         return info
 
-    def _reuse_version(self, registered_name: str, run_id: str, tags: Mapping[str, str]) -> dict[str, Any] | None:
-        """The info of the version of ``registered_name`` already made from ``run_id`` (``tags`` re-applied)."""
+    def _reuse_version(self, registered_name: str, run_id: str, tags: Mapping[str, str],
+                       description: str | None = None) -> dict[str, Any] | None:
+        """The info of the version of ``registered_name`` already made from ``run_id``, or None. Tags it lacks
+        are added and a missing description set; tags it has are never overwritten: a version's lineage
+        (``prefect_flow_run_id``, ``git_commit``, ...) stays that of the run that trained it, however many later
+        runs reuse it (they record the reuse on their own runs)."""
         existing = self.find_model_version(registered_name, run_id)
         if existing is None:
             return None
         for k, v in tags.items():
-            if existing.tags.get(k) != v:
+            if k not in existing.tags:
                 self.client.set_model_version_tag(registered_name, existing.version, k, v)
+        if description and not existing.description:
+            self.client.update_model_version(registered_name, existing.version, description=description)
         return self._version_info(existing, reused=True)
 
     @staticmethod
@@ -782,12 +837,16 @@ class Tracker:
             raise
         self._with_retries(self.client.finalize_logged_model, model_id, LoggedModelStatus.READY)
 
-    def _ensure_registered_model(self, name: str) -> None:
+    def _ensure_registered_model(self, name: str, description: str | None = None) -> None:
+        """Create registered model ``name`` (with ``description``) unless it exists; an existing one without a
+        description gets ``description``."""
         try:
-            self.client.create_registered_model(name)
+            self.client.create_registered_model(name, description=description)
         except MlflowException as e:
             if e.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
                 raise
+            if description and not self.client.get_registered_model(name).description:
+                self.client.update_registered_model(name, description=description)
 
     @staticmethod
     def _version_info(version, reused: bool) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Real servers for tests, bound to 127.0.0.1: a moto S3 stand-in and an MLflow server.
+"""Real servers for tests, bound to 127.0.0.1: a moto S3 stand-in, a PostgreSQL server, an MLflow server, a
+Prefect server and its process workers.
 
 Plain helpers (pytest fixtures wrap them in tests/conftest.py). Every process is
 started from this interpreter's venv and stopped (terminate, then kill) on exit.
@@ -6,7 +7,9 @@ started from this interpreter's venv and stopped (terminate, then kill) on exit.
 
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -155,11 +158,85 @@ def moto_server(workdir: Path | None = None, attempts: int = 3) -> Iterator[Simp
             _stop(proc)
 
 
+def pg_bin(name: str) -> str | None:
+    """A PostgreSQL program (``initdb``, ``pg_ctl``, ``psql``) on PATH or in Debian's /usr/lib/postgresql/*/bin."""
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3])
+                        if p.parts[-3].isdigit() else 0)
+    return str(candidates[-1]) if candidates else None
+
+
+PG_MISSING = ("PostgreSQL server binaries (initdb, pg_ctl, psql) not found: install them (Debian: apt-get install "
+              "postgresql; .ci/run does) to run the end-to-end tests, whose MLflow and Prefect servers use PostgreSQL "
+              "as in production")
+
+
+@contextmanager
+def postgres_server(databases: tuple[str, ...] = (), timeout: float = 90.0) -> Iterator[SimpleNamespace]:
+    """A throw-away PostgreSQL cluster in a temporary folder listening on 127.0.0.1 only (password auth over TCP,
+    as the compose service), with ``databases`` created. Run as the ``postgres`` user when this process is root
+    (``initdb`` refuses root). Yields ``url(db, driver=None)`` (``postgresql[+driver]://user:pw@host:port/db``),
+    ``port``, ``user``, ``password``; the cluster is stopped and deleted on exit."""
+    initdb, pg_ctl, psql = pg_bin("initdb"), pg_bin("pg_ctl"), pg_bin("psql")
+    if not (initdb and pg_ctl and psql):
+        raise RuntimeError(PG_MISSING)
+    as_user: list[str] = []
+    owner = None
+    if os.geteuid() == 0:
+        import pwd
+
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            raise RuntimeError("running as root and there is no 'postgres' user to run the PostgreSQL server as") from None
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # in the system temp folder, not ``workdir``: the unix socket path has a length limit, and the postgres user
+    # must be able to reach the folder (pytest's are private to root)
+    base = Path(tempfile.mkdtemp(prefix="distill-pg-"))
+    user, password = "distill", "pg-test-password"
+    (base / "pw").write_text(password + "\n")
+    if owner is not None:
+        for path in (base, base / "pw"):
+            os.chown(path, owner.pw_uid, owner.pw_gid)
+    data, port = base / "data", free_port()
+    run = functools.partial(subprocess.run, capture_output=True, text=True)
+    r = run([*as_user, initdb, "-D", str(data), "-U", user, f"--pwfile={base / 'pw'}", "-A", "scram-sha-256",
+             "-E", "UTF8", "--no-sync"], timeout=120)
+    if r.returncode != 0:
+        raise RuntimeError(f"initdb failed: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+    started = False
+    try:
+        r = run([*as_user, pg_ctl, "-D", str(data), "-l", str(base / "pg.log"), "-w", "-t", str(int(timeout)),
+                 "-o", f"-p {port} -k {base} -c listen_addresses={HOST} -c fsync=off -c max_connections=200",
+                 "start"], timeout=timeout + 30)
+        if r.returncode != 0:
+            raise RuntimeError(f"PostgreSQL did not start: {r.stderr[-2000:]}\n{_tail(base / 'pg.log')}")
+        started = True
+        env = {**os.environ, "PGHOST": HOST, "PGPORT": str(port), "PGUSER": user, "PGPASSWORD": password}
+        for db in databases:
+            r = run([psql, "-d", "postgres", "-v", "ON_ERROR_STOP=1", "-c", f'CREATE DATABASE "{db}"'], env=env,
+                    timeout=60)
+            if r.returncode != 0:
+                raise RuntimeError(f"creating database {db} failed: {r.stderr[-2000:]}")
+
+        def url(db: str, driver: str | None = None) -> str:
+            scheme = f"postgresql+{driver}" if driver else "postgresql"
+            return f"{scheme}://{user}:{password}@{HOST}:{port}/{db}"
+
+        yield SimpleNamespace(url=url, port=port, user=user, password=password, log=base / "pg.log")
+    finally:
+        if started:
+            run([*as_user, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], timeout=60)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @contextmanager
 def mlflow_server(workdir: Path, artifacts_destination: str, env: Mapping[str, str],
-                  timeout: float = 90.0) -> Iterator[SimpleNamespace]:
-    """``mlflow server`` on sqlite (``workdir/mlflow.db``) with proxied artifacts at
-    ``artifacts_destination`` (e.g. ``s3://bucket/mlflow``); ``env`` carries the AWS_*
+                  timeout: float = 90.0, backend_store_uri: str | None = None) -> Iterator[SimpleNamespace]:
+    """``mlflow server`` on ``backend_store_uri`` (default sqlite ``workdir/mlflow.db``) with proxied artifacts
+    at ``artifacts_destination`` (e.g. ``s3://bucket/mlflow``); ``env`` carries the AWS_*
     variables (as yielded by :func:`moto_server`).  Yields ``url`` and ``proc``."""
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +254,7 @@ def mlflow_server(workdir: Path, artifacts_destination: str, env: Mapping[str, s
     full_env.pop("MLFLOW_TRACKING_URI", None)
     cmd = [
         str(VENV_BIN / "mlflow"), "server",
-        "--backend-store-uri", f"sqlite:///{workdir.resolve().as_posix()}/mlflow.db",
+        "--backend-store-uri", backend_store_uri or f"sqlite:///{workdir.resolve().as_posix()}/mlflow.db",
         "--artifacts-destination", artifacts_destination,
         "--host", HOST, "--port", str(port),
         "--workers", "1",
@@ -213,8 +290,9 @@ def prefect_env(home: Path, api: str, extra: Mapping[str, str] | None = None) ->
 
 
 @contextmanager
-def prefect_server(workdir: Path, timeout: float = 120.0) -> Iterator[SimpleNamespace]:
-    """``prefect server start`` (SQLite in ``workdir/home``); yields ``api``, ``env`` (for clients), ``proc``."""
+def prefect_server(workdir: Path, timeout: float = 120.0, database_url: str | None = None) -> Iterator[SimpleNamespace]:
+    """``prefect server start`` on ``database_url`` (``postgresql+asyncpg://...``; default SQLite in
+    ``workdir/home``); yields ``api``, ``env`` (for clients), ``proc``."""
     workdir = Path(workdir)
     home = workdir / "home"
     home.mkdir(parents=True, exist_ok=True)
@@ -224,7 +302,8 @@ def prefect_server(workdir: Path, timeout: float = 120.0) -> Iterator[SimpleName
     with _logfiles(workdir, "prefect-server") as (base, out, err):
         proc = subprocess.Popen(
             [str(VENV_BIN / "prefect"), "server", "start", "--host", HOST, "--port", str(port)],
-            stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=workdir, start_new_session=True,
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL, cwd=workdir, start_new_session=True,
+            env={**env, **({"PREFECT_SERVER_DATABASE_CONNECTION_URL": database_url} if database_url else {})},
         )
         try:
             try:

@@ -1,5 +1,6 @@
-"""End to end with real servers on 127.0.0.1: moto (the MinIO stand-in), an MLflow server with S3 artifacts,
-a Prefect server, and process workers for a `cpu` and a `gpu` pool.
+"""End to end with real servers on 127.0.0.1: moto (the MinIO stand-in), a PostgreSQL server holding the MLflow
+and Prefect databases (as the compose stack does), an MLflow server with S3 artifacts, a Prefect server, and process
+workers for a `cpu` and a `gpu` pool.
 
 `prefect deployment run distill-cifar/local` with the smoke profile (on tiny generated data) and the `gpu`
 pool named; then a second run that must reuse the teacher.
@@ -20,7 +21,7 @@ pytest.importorskip("mlflow")
 pytest.importorskip("moto")
 
 from _imagefolder import make_imagefolder, tiny_overrides  # noqa: E402
-from servers import VENV_BIN, mlflow_server, moto_server, prefect_server, prefect_worker  # noqa: E402
+from servers import VENV_BIN, mlflow_server, moto_server, postgres_server, prefect_server, prefect_worker  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +52,9 @@ def stack(tmp_path_factory):
     with moto_server(base / "moto") as s3:
         boto3.client("s3", endpoint_url=s3.endpoint, **{k.lower(): v for k, v in s3.env.items()
                      if k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}, region_name="us-east-1").create_bucket(Bucket=BUCKET)
-        with mlflow_server(base / "mlflow", f"s3://{BUCKET}/mlflow", s3.env) as ml, prefect_server(base / "prefect") as pf:
+        with postgres_server(databases=("mlflow", "prefect")) as pg, \
+             mlflow_server(base / "mlflow", f"s3://{BUCKET}/mlflow", s3.env, backend_store_uri=pg.url("mlflow", "psycopg2")) as ml, \
+             prefect_server(base / "prefect", database_url=pg.url("prefect", "asyncpg")) as pf:
             env = {**pf.env, **s3.env, "MLFLOW_TRACKING_URI": ml.url, "MLFLOW_S3_ENDPOINT_URL": s3.endpoint,
                    "MLFLOW_DISABLE_TELEMETRY": "true", "DISTILL_STORE_URL": f"s3://{BUCKET}/store",
                    "DISTILL_PROJECT_DIR": str(ROOT), "PREFECT_WORKER_QUERY_SECONDS": "2",
@@ -73,7 +76,7 @@ def stack(tmp_path_factory):
             with prefect_worker("cpu", {**env, "DISTILL_HOME": str(homes["cpu"]), "DISTILL_WORKER_NAME": "worker-cpu"}, base, ROOT) as wc, \
                  prefect_worker("gpu", {**env, "DISTILL_HOME": str(homes["gpu"]), "DISTILL_WORKER_NAME": "worker-gpu"}, base, ROOT) as wg:
                 yield {"env": env, "api": pf.api, "mlflow": ml.url, "s3": s3, "src": src, "base": base, "homes": homes,
-                       "workers": (wc, wg)}
+                       "workers": (wc, wg), "pg": pg}
 
 
 def _params(stack, alpha: float = 0.7) -> dict:
@@ -270,3 +273,19 @@ def test_diffusion_deployment_run_on_gpu_pool(stack, tmp_path):
     finally:
         os.environ.clear()
         os.environ.update(old)
+
+
+def test_mlflow_and_prefect_state_is_in_postgres(stack):
+    """The servers above keep their state in PostgreSQL, not in a SQLite file: the runs the deployment runs made
+    are rows of the MLflow and Prefect databases (this test runs after them, in file order)."""
+    import psycopg2
+
+    pg = stack["pg"]
+    counts = {}
+    for db, table in (("mlflow", "runs"), ("mlflow", "model_versions"), ("prefect", "flow_run")):
+        with psycopg2.connect(pg.url(db)) as conn, conn.cursor() as cur:
+            cur.execute(f"SELECT count(*) FROM {table}")
+            counts[(db, table)] = cur.fetchone()[0]
+    assert counts[("mlflow", "runs")] >= 4 and counts[("mlflow", "model_versions")] >= 3, counts
+    assert counts[("prefect", "flow_run")] >= 3, counts
+    assert not list(stack["base"].rglob("mlflow.db")) and not list(stack["base"].rglob("prefect.db"))

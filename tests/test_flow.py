@@ -79,6 +79,20 @@ def test_pipeline_in_process_then_teacher_reuse(env):
     promo = first["registration"]["promotion"]
     assert str(promo["candidate_version"]) == "1"
 
+    _assert_consumable_registration(client, env, first)
+
+    # torch threads: the teacher trains alone with every core; the members' stages (one lockstep group, or one
+    # stage each) share the cores among min(max_parallel = 2, stages); speed is measured alone with every core
+    from distill.runtime import usable_cpus
+
+    cpus = usable_cpus()
+    members = ("baseline", "student", "sweep-T1-a0.7")
+    stages = {first["results"][n].get("group") or n for n in members}
+    assert first["results"]["teacher"]["executed_by"]["torch_threads"] == cpus
+    for name in members:
+        assert first["results"][name]["executed_by"]["torch_threads"] == max(1, cpus // min(2, len(stages))), name
+    assert {r["test"]["speed_threads"] for r in first["results"].values()} == {cpus}
+
     # nested runs: one parent, a child per stage, with per-epoch metrics under the same keys
     exp = client.get_experiment_by_name("distill-cifar")
     runs = client.search_runs([exp.experiment_id], f"tags.prefect_flow_run_id = '{first['flow_run_id']}'")
@@ -133,11 +147,69 @@ def test_pipeline_in_process_then_teacher_reuse(env):
     assert len(client.search_model_versions("name='distill-cifar-baseline'")) == 1
     assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
     assert client.get_run(second["mlflow_parent_run_id"]).info.status == "FINISHED"
+    # the reused teacher's version keeps the lineage of the run that trained it; the reuse is on the new run
+    teacher_v = client.get_model_version("distill-cifar-teacher", "1")
+    assert teacher_v.tags["prefect_flow_run_id"] == first["flow_run_id"] != second["flow_run_id"]
+    assert "KD gain" not in (teacher_v.description or "") and "teacher of distill-cifar" in teacher_v.description
+    reuse_tags = client.get_run(second["mlflow_parent_run_id"]).data.tags
+    assert reuse_tags["distill.reused_version.teacher"] == "distill-cifar-teacher/1"
+    assert reuse_tags["distill.reused_version.baseline"] == "distill-cifar-baseline/1"
+    assert "distill.reused_version.student" not in reuse_tags
 
     # --- third run, the same work as the second: everything is reused, nothing trains ------------------
     third = _run(env, overrides_extra={"kd": {"alpha": 0.5}})
     assert all(r["reused"] for r in third["results"].values())
     assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
+
+
+def _assert_consumable_registration(client, env, summary):
+    """The registered student as a consumer meets it: plain MLflow (pyfunc), raw uint8 images, no normalisation on
+    the user's side, class names in the metadata; LoggedModels named by role; descriptions; the standard source
+    tags and the data snapshot as a dataset input; per-class metrics under their own prefix."""
+    import mlflow
+    import numpy as np
+
+    from distill.image.data import load_prepared, normalize
+    from distill.image.stages import load_model, model_normalization
+    from tasks.lab import fetch_dir
+    from tasks.storage import open_store
+
+    store = open_store(env["store"])
+    data_dir = fetch_dir(store, summary["data"]["data_key"], "data")
+    x_u8, y = load_prepared(data_dir, verify=False)["test"]
+    raw = np.ascontiguousarray(x_u8.permute(0, 2, 3, 1).numpy())  # [N, H, W, C] uint8, as decoded
+    mlflow.set_tracking_uri(env["mlflow"])
+    pyfunc = mlflow.pyfunc.load_model("models:/distill-cifar-student/1")
+    probs = np.asarray(pyfunc.predict(raw))
+    assert probs.shape == (len(y), 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    model_dir = fetch_dir(store, summary["results"]["student"]["model_prefix"], "models")
+    with torch.no_grad():  # our own loader with its normalisation: the same classes
+        ours = load_model(model_dir)(normalize(x_u8, *model_normalization(model_dir))).argmax(dim=1).numpy()
+    assert (probs.argmax(axis=1) == ours).all()
+    info = mlflow.models.get_model_info("models:/distill-cifar-student/1")
+    assert info.metadata["classes"] == ["cat", "dog", "frog"] and "uint8" in info.metadata["input"]
+    assert info.signature.inputs.to_dict()[0]["tensor-spec"]["dtype"] == "uint8"
+
+    exp = client.get_experiment_by_name("distill-cifar")
+    logged = client.search_logged_models(experiment_ids=[exp.experiment_id])
+    assert {"teacher", "baseline", "student"} <= {m.name for m in logged}
+    for role in ("teacher", "baseline", "student"):
+        assert f"distill-cifar {role} models" in client.get_registered_model(f"distill-cifar-{role}").description
+    desc = client.get_model_version("distill-cifar-student", "1").description
+    assert "test accuracy" in desc and "KD gain over the baseline" in desc and "distill-cifar-teacher version 1" in desc
+
+    parent = client.get_run(summary["mlflow_parent_run_id"])
+    commit = parent.data.tags["git_commit"]
+    if commit != "unknown":
+        assert parent.data.tags["mlflow.source.git.commit"] == commit
+    assert parent.data.tags["mlflow.source.name"] == "distill-cifar"
+    student = client.get_run(summary["results"]["student"]["mlflow_run_id"])
+    for run in (parent, student):
+        (ds,) = [d.dataset for d in run.inputs.dataset_inputs]
+        assert ds.digest == summary["data"]["manifest_sha256"][:36] and ds.name == "distill-cifar-data"
+        assert json.loads(ds.profile)["manifest_sha256"] == summary["data"]["manifest_sha256"]
+    assert {"per_class/cat", "per_class/dog", "per_class/frog", "test_accuracy"} <= set(student.data.metrics)
+    assert not any(k.startswith("acc_") for k in student.data.metrics)
 
 
 def test_registration_is_idempotent(env):
@@ -165,6 +237,19 @@ def test_registration_is_idempotent(env):
     after = {r: len(client.search_model_versions(f"name='idem-{r}'")) for r in ("teacher", "baseline", "student")}
     assert before == after == {"teacher": 1, "baseline": 1, "student": 1}
     assert all(v["reused"] for v in again["versions"].values())
+
+
+def test_no_register_registers_nothing(env):
+    """``register_models=False`` (``distill run --no-register``): the runs are tracked, no model is registered."""
+    from mlflow import MlflowClient
+
+    summary = _run(env, experiment="noreg", register_models=False)
+    client = MlflowClient(tracking_uri=env["mlflow"])
+    assert summary["registration"] is None
+    assert client.search_registered_models("name LIKE 'noreg%'") == []
+    exp = client.get_experiment_by_name("noreg")
+    assert client.search_logged_models(experiment_ids=[exp.experiment_id]) == []
+    assert client.get_run(summary["mlflow_parent_run_id"]).info.status == "FINISHED"
 
 
 def test_corrupt_stored_teacher_is_redone_not_fatal(env):

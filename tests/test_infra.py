@@ -248,7 +248,8 @@ def test_compose_servers_use_postgres(compose, monkeypatch):
     # passed explicitly in the command); artifacts stay on MinIO
     mlflow_env = _env(s["mlflow"])
     url = _db_url(mlflow_env["MLFLOW_BACKEND_STORE_URI"])
-    assert url.drivername in ("postgresql", "postgresql+psycopg2")
+    # the driver named: SQLAlchemy 2.1 reads a bare postgresql:// as psycopg (3), which the image lacks
+    assert url.drivername == "postgresql+psycopg2"
     assert (url.host, url.port, url.database) == ("postgres", 5432, "mlflow")
     assert (url.username, url.password) == (want_user, want_password)
     assert "${POSTGRES_PASSWORD:?" in mlflow_env["MLFLOW_BACKEND_STORE_URI"]
@@ -670,20 +671,14 @@ def test_prefect_yaml_parameters_fit_the_flows(prefect_yaml, monkeypatch):
         flow.validate_parameters(params)
 
 
-def _pg_bin(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    candidates = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"))
-    return str(candidates[-1]) if candidates else None
-
-
 @pytest.mark.e2e
 def test_e2e_postgres_init_script_creates_databases():
     """The init script against a throw-away PostgreSQL server (password auth over TCP like the
     image's): both databases, owned by POSTGRES_USER; idempotent; executed and sourced the way
     the image's bash entrypoint does; a failure fails the script."""
-    initdb, pg_ctl, psql = _pg_bin("initdb"), _pg_bin("pg_ctl"), _pg_bin("psql")
+    from servers import pg_bin
+
+    initdb, pg_ctl, psql = pg_bin("initdb"), pg_bin("pg_ctl"), pg_bin("psql")
     if not (initdb and pg_ctl and psql):
         pytest.skip("no PostgreSQL server binaries here")
     as_user: list[str] = []

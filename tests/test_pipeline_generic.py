@@ -462,7 +462,7 @@ def test_diffusers_folders_are_registered_as_files(tmp_path, monkeypatch):
         def promote(self, *args, **kwargs):
             return {"promoted": False, "reason": "fake"}
 
-    kind = SimpleNamespace(name="diffusion", selection=Metric("val_fid", "min"), test_metric=Metric("fid", "min"),
+    kind = SimpleNamespace(name="diffusion", description="fake", selection=Metric("val_fid", "min"), test_metric=Metric("fid", "min"),
                            extras={"model_format": "diffusers"})
     monkeypatch.setattr(registry, "Tracker", FakeTracker)
     monkeypatch.setattr(registry, "get_kind", lambda name: kind)

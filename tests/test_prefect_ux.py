@@ -60,7 +60,7 @@ def test_report_artifact_links_the_mlflow_run_on_a_server_without_credentials():
     md = artifact_markdown(REPORT, tracking_uri="https://alice:s3cret@mlflow.example.org:5000/", experiment_id="7",
                            run_id="abc123", report_uri="s3://bucket/runs/r1/report")
     first = md.splitlines()[0]
-    url = "https://mlflow.example.org:5000/#/experiments/7/runs/abc123"
+    url = "https://mlflow.example.org:5000/#/experiments/7/runs/abc123?workflowType=machine_learning"
     assert first == f"MLflow run: [{url}]({url})"
     assert "s3cret" not in md and "alice" not in md
     # no image link to a local file is left; the remote one stays; the files are still named
@@ -82,7 +82,7 @@ def test_report_artifact_for_a_local_store_gives_the_mlflow_ui_command():
     md = artifact_markdown(REPORT, tracking_uri=uri, experiment_id="1", run_id="r9", report_uri="file:///tmp/r")
     first = md.splitlines()[0]
     assert f"mlflow ui --backend-store-uri {uri}" in first
-    assert "http://127.0.0.1:5000/#/experiments/1/runs/r9" in first
+    assert "http://127.0.0.1:5000/#/experiments/1/runs/r9?workflowType=machine_learning" in first
     file_line = mlflow_run_line("file:///tmp/my runs", "0", "r1")
     assert "mlflow ui --backend-store-uri 'file:///tmp/my runs'" in file_line
     db_line = mlflow_run_line("postgresql://u:pw@db/mlflow", "0", "r1")

@@ -265,7 +265,7 @@ def test_register_models_promotes_under_the_store_lock(metric, direction, model_
             return {"promoted": True, "reason": "fake"}
 
     kind = SimpleNamespace(
-        name="fake", selection=Metric(metric, direction), test_metric=Metric("test_" + metric[4:], direction),
+        name="fake", description="a fake kind", selection=Metric(metric, direction), test_metric=Metric("test_" + metric[4:], direction),
         extras={"model_format": model_format, "input_example": lambda model_dir, data_dir: None},
         load_model=lambda path: object(),
     )

@@ -89,11 +89,14 @@ def test_log_model_folder_registers_a_loadable_version_once(flavor, hf_folder, t
     tags = tracker.client.get_model_version(name, "1").tags
     assert {k: tags[k] for k in lineage} == {k: str(v) for k, v in lineage.items()}
 
-    # the same run again: no new version (nor LoggedModel); the tags are re-applied
-    again = tracker.log_model_folder(run, hf_folder, name, {**lineage, "val_ppl": 40.9}, flavor=flavor)
+    # the same run again: no new version (nor LoggedModel); the version keeps its tags (its lineage is the run
+    # that made it) and gains the ones it lacked
+    again = tracker.log_model_folder(run, hf_folder, name, {**lineage, "val_ppl": 40.9, "prefect_flow_run_id": "f2"},
+                                     flavor=flavor)
     assert again["reused"] is True and again["version"] == "1" and "logged_model_uri" not in again
     assert [str(v.version) for v in tracker.client.search_model_versions(f"name = '{name}'")] == ["1"]
-    assert tracker.client.get_model_version(name, "1").tags["val_ppl"] == "40.9"
+    tags = tracker.client.get_model_version(name, "1").tags
+    assert tags["val_ppl"] == "41.2" and tags["prefect_flow_run_id"] == "f2"
     logged = tracker.client.search_logged_models(experiment_ids=[tracker.experiment_id])
     assert [(m.model_id, m.source_run_id, str(m.status)) for m in logged] == [
         (info["logged_model_uri"].split("/")[-1], run, "READY")]
