@@ -83,7 +83,11 @@ def processes(n: int, threads: int | None, a) -> float:
     wall = time.perf_counter() - t0
     if any(p.returncode for p in procs):
         raise RuntimeError(f"a stage process failed: {outs}")
+    COMPUTE.append(max(json.loads(o.strip().splitlines()[-1])["seconds"] for o in outs))
     return wall
+
+
+COMPUTE: list[float] = []  # per process-way call: the slowest stage's training loop alone (no start-up)
 
 
 def main() -> None:
@@ -118,10 +122,15 @@ def main() -> None:
         "processes, per-stage threads": lambda: processes(a.stages, per_stage, a),
     }
     samples: dict[str, list[float]] = {k: [] for k in ways}
+    compute: dict[str, list[float]] = {k: [] for k in ways if k.startswith("processes")}
     for r in range(a.repeats):  # interleaved, so slow phases of a shared machine hit every way
         for name, fn in ways.items():
             samples[name].append(fn())
-            print(f"  repeat {r + 1}: {name}: {samples[name][-1]:.2f} s", flush=True)
+            extra = ""
+            if name in compute:
+                compute[name].append(COMPUTE[-1])
+                extra = f" (training loops {COMPUTE[-1]:.2f} s, the rest is process start-up and imports)"
+            print(f"  repeat {r + 1}: {name}: {samples[name][-1]:.2f} s{extra}", flush=True)
     med = {k: statistics.median(v) for k, v in samples.items()}
     print(f"\n| way | wall (median of {a.repeats}) | samples | vs per-stage threads, same path |")
     print("|---|---:|---|---:|")
@@ -129,12 +138,14 @@ def main() -> None:
         pair = name.replace("default threads", "per-stage threads")
         ratio = f"{med[name] / med[pair]:.2f}x" if pair != name and pair in med else ""
         print(f"| {name} | {med[name]:.2f} s | {', '.join(f'{x:.2f}' for x in samples[name])} | {ratio} |")
+    for name, v in compute.items():
+        print(f"{name}: slowest stage's training loop {statistics.median(v):.2f} s (median)")
     print(f"\nprocesses / in-process, per-stage threads: "
           f"{med['processes, per-stage threads'] / med['in-process, per-stage threads']:.2f}x; "
           f"processes, default / per-stage threads: "
           f"{med['processes, default threads'] / med['processes, per-stage threads']:.2f}x")
     write_json(a.json, {"cpus": cpus, "stages": a.stages, "per_stage_threads": per_stage, "steps": a.steps,
-                        "batch": a.batch, "width": a.width, "samples": samples, "median": med,
+                        "batch": a.batch, "width": a.width, "samples": samples, "median": med, "process_compute": compute,
                         "torch": torch.__version__})
 
 

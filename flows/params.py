@@ -9,6 +9,7 @@ config before any compute.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Optional
@@ -98,24 +99,41 @@ def check_tracking_uri(uri: str) -> str:
 _PARTIALS: dict[tuple, type] = {}
 
 
-def partial_model(model: type[BaseModel], exclude: tuple[str, ...] = ()) -> type[BaseModel]:
+def _preset_values(presets: dict[str, Any]) -> str:
+    """``"(every preset: 4)"`` or ``"(smoke: 1, seed: 15, full: 30)"``: what each preset sets a field to, for the
+    field's description in the deployment form (where an override field itself stays empty: empty = the preset)."""
+    shown = {p: json.dumps(v, separators=(",", ":")) for p, v in presets.items()}
+    shown = {p: v if len(v) <= 40 else v[:37] + "..." for p, v in shown.items()}
+    if len(set(shown.values())) == 1:
+        return f"(every preset: {next(iter(shown.values()))})"
+    return "(" + ", ".join(f"{p}: {v}" for p, v in shown.items()) + ")"
+
+
+def partial_model(model: type[BaseModel], exclude: tuple[str, ...] = (),
+                  presets: Optional[dict[str, dict]] = None) -> type[BaseModel]:
     """A copy of ``model`` whose fields are all optional (default None), nested models included; ``exclude``:
-    top-level fields left out (``profile``, which is a parameter of its own)."""
-    if (model, exclude) in _PARTIALS:
-        return _PARTIALS[(model, exclude)]
+    top-level fields left out (``profile``, which is a parameter of its own); ``presets``: {profile: the config
+    it gives, as JSON}, whose values each field's description then lists (:func:`_preset_values`)."""
+    key = (model, exclude, json.dumps(presets, sort_keys=True, default=str) if presets else None)
+    if key in _PARTIALS:
+        return _PARTIALS[key]
     fields: dict[str, Any] = {}
     for name, f in model.model_fields.items():
         if name in exclude:
             continue
+        sub = {p: cfg.get(name) for p, cfg in presets.items() if isinstance(cfg, dict)} if presets else None
         ann = f.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            ann = partial_model(ann)
         info = FieldInfo.merge_field_infos(f, default=None)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            ann = partial_model(ann, presets=sub if sub and all(isinstance(v, dict) for v in sub.values()) else None)
+        elif sub:
+            info = FieldInfo.merge_field_infos(
+                f, default=None, description=" ".join(filter(None, (f.description, _preset_values(sub)))))
         info.default_factory = None
         fields[name] = (Optional[ann], info)
     config = ConfigDict(extra="forbid", allow_inf_nan=model.model_config.get("allow_inf_nan", True))
     part = create_model(f"{model.__name__}Overrides", __config__=config, **fields)
-    _PARTIALS[(model, exclude)] = part
+    _PARTIALS[key] = part
     return part
 
 
@@ -212,13 +230,15 @@ def params_model(kind_name: str) -> type[PipelineBase]:
     if kind_name in _PARAMS:
         return _PARAMS[kind_name]
     kind = get_kind(kind_name)
-    overrides = partial_model(kind.config_model, exclude=("profile",))
+    presets = {p: kind.load_profile(p, {}).model_dump(mode="json") for p in kind.profiles}
+    overrides = partial_model(kind.config_model, exclude=("profile",), presets=presets)
     name = "PipelineParams" if kind_name == "cifar" else f"{kind_name.capitalize()}PipelineParams"
     model = create_model(
         name,
         __base__=PipelineBase,
         __doc__=f"Parameters of the ``{kind.flow}`` flow ({kind.description}).",
-        profile=(Literal[tuple(kind.profiles)], Field(kind.profiles[0], description="preset recipe")),  # type: ignore[valid-type]
+        profile=(Literal[tuple(kind.profiles)], Field(kind.profiles[0], description="preset recipe (each override "  # type: ignore[valid-type]
+                                                      "field lists what the presets set it to)")),
         overrides=(overrides, Field(default_factory=overrides, description="fields to change in the preset")),
         experiment=(str, Field(kind.flow, min_length=1, max_length=100, json_schema_extra={"pattern": NAME_PATTERN},
                                description=f"MLflow experiment and registered-model prefix: {NAME_RULE}")),

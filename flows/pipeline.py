@@ -630,6 +630,7 @@ def _finish(r: _Run, data: dict, tkey: str, results: dict[str, dict]) -> dict:
         "kind": kind.name,
         "flow_run_id": r.run_id,
         "mlflow_parent_run_id": r.parent,
+        "mlflow_experiment_id": tracker.experiment_id,
         "experiment": params.experiment,
         "tracking_uri": tracker.tracking_uri,
         "store_url": r.store_url,
@@ -739,7 +740,10 @@ def run_local(flow_fn, params_model: type[PipelineBase], *, tracking_uri: Option
     uri = summary["tracking_uri"]
     print()
     print(f"MLflow runs: experiment {summary['experiment']!r}, parent run {summary['mlflow_parent_run_id']}")
-    print(f"Open the MLflow UI on these runs:  .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000")
+    from tasks.report import mlflow_run_line
+
+    print(mlflow_run_line(uri, summary.get("mlflow_experiment_id"), summary["mlflow_parent_run_id"])
+          .replace("`", "").replace("mlflow ui", ".venv/bin/mlflow ui", 1))
     print(f"Report: {summary['report']['uri']}")
     return summary
 

@@ -314,6 +314,31 @@ def test_pipeline_params_json_schema_refuses_what_the_server_must():
             jsonschema.validate(bad, schema)
 
 
+def test_deployment_form_shows_what_each_preset_sets():
+    """An override field stays empty in the form (empty = the preset's value), and its description lists the
+    presets' values, read from the presets themselves."""
+    from distill.image.config import load_profile
+    from flows.params import PipelineParams
+
+    schema = PipelineParams.model_json_schema()
+    defs = schema["$defs"]
+
+    def field(section: str, name: str) -> dict:
+        ref = schema["properties"]["overrides"]
+        ref = next(x for x in ref.get("anyOf", [ref]) if "$ref" in x)["$ref"].split("/")[-1]
+        sec = defs[ref]["properties"][section]
+        sec_ref = next(x for x in sec.get("anyOf", [sec]) if "$ref" in x)["$ref"].split("/")[-1]
+        return defs[sec_ref]["properties"][name]
+
+    epochs = {p: load_profile(p, {}).student_train.epochs for p in ("smoke", "seed", "full")}
+    desc = field("student_train", "epochs")["description"]
+    assert f"smoke: {epochs['smoke']}, seed: {epochs['seed']}, full: {epochs['full']}" in desc
+    temps = {load_profile(p, {}).kd.temperature for p in ("smoke", "seed", "full")}
+    if len(temps) == 1:
+        assert f"(every preset: {temps.pop()})" in field("kd", "temperature")["description"]
+    assert field("student_train", "epochs").get("default") is None
+
+
 def test_pipeline_params_never_store_or_echo_tracking_credentials():
     """A flow parameter lands in Prefect's database and UI: a password in the tracking URI is refused, and the
     refusal does not repeat it."""
