@@ -35,7 +35,7 @@ def _tags(kind, role: str, r: dict, lineage: dict, versions: dict, uri: str) -> 
     return tags
 
 
-def _fmt(kind, key: str, value: Any) -> str:
+def _fmt(key: str, value: Any) -> str:
     if not isinstance(value, (int, float)):
         return "-"
     return f"{100 * value:.2f} %" if key.endswith(("acc", "accuracy")) else f"{value:.4g}"
@@ -47,7 +47,7 @@ def version_description(kind, role: str, r: dict, results: dict[str, dict], line
     tm, sel = kind.test_metric, kind.selection
     test = r.get("test") or {}
     parts = [f"{role} of distill-{kind.name} (stage {r.get('name') or role}): {tm.label} "
-             f"{_fmt(kind, tm.key, test.get(tm.key))}, {sel.label} {_fmt(kind, sel.key, r.get(sel.key))}."]
+             f"{_fmt(tm.key, test.get(tm.key))}, {sel.label} {_fmt(sel.key, r.get(sel.key))}."]
     parts.append(f"Data snapshot {str(lineage.get('data_manifest_sha256', '?'))[:12]} (manifest sha256), "
                  f"code {str(lineage.get('git_commit', '?'))[:12]}.")
     if role != "teacher" and "teacher" in versions:
