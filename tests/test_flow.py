@@ -53,7 +53,7 @@ def _run(env, overrides_extra=None, **kw):
     return distill_cifar(**{k: getattr(params, k) for k in PipelineParams.model_fields})
 
 
-def test_pipeline_in_process_then_teacher_reuse(env):
+def test_pipeline_in_process_then_teacher_reuse(env, monkeypatch):
     from mlflow import MlflowClient
 
     from tasks.storage import open_store
@@ -79,7 +79,7 @@ def test_pipeline_in_process_then_teacher_reuse(env):
     promo = first["registration"]["promotion"]
     assert str(promo["candidate_version"]) == "1"
 
-    _assert_consumable_registration(client, env, first)
+    _assert_consumable_registration(client, env, first, monkeypatch)
 
     # torch threads: the teacher trains alone with every core; the members' stages (one lockstep group, or one
     # stage each) share the cores among min(max_parallel = 2, stages); speed is measured alone with every core
@@ -162,7 +162,7 @@ def test_pipeline_in_process_then_teacher_reuse(env):
     assert len(client.search_model_versions("name='distill-cifar-student'")) == 2
 
 
-def _assert_consumable_registration(client, env, summary):
+def _assert_consumable_registration(client, env, summary, monkeypatch):
     """The registered student as a consumer meets it: plain MLflow (pyfunc), raw uint8 images, no normalisation on
     the user's side, class names in the metadata; LoggedModels named by role; descriptions; the standard source
     tags and the data snapshot as a dataset input; per-class metrics under their own prefix."""
@@ -178,7 +178,9 @@ def _assert_consumable_registration(client, env, summary):
     data_dir = fetch_dir(store, summary["data"]["data_key"], "data")
     x_u8, y = load_prepared(data_dir, verify=False)["test"]
     raw = np.ascontiguousarray(x_u8.permute(0, 2, 3, 1).numpy())  # [N, H, W, C] uint8, as decoded
-    mlflow.set_tracking_uri(env["mlflow"])
+    # as a consumer points MLflow at the server: by the environment (mlflow.set_tracking_uri would be global
+    # state that outlives this test and overrides the URI later tests set)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env["mlflow"])
     pyfunc = mlflow.pyfunc.load_model("models:/distill-cifar-student/1")
     probs = np.asarray(pyfunc.predict(raw))
     assert probs.shape == (len(y), 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
