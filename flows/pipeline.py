@@ -742,8 +742,8 @@ def run_local(flow_fn, params_model: type[PipelineBase], *, tracking_uri: Option
     print(f"MLflow runs: experiment {summary['experiment']!r}, parent run {summary['mlflow_parent_run_id']}")
     from tasks.report import mlflow_run_line
 
-    print(mlflow_run_line(uri, summary.get("mlflow_experiment_id"), summary["mlflow_parent_run_id"])
-          .replace("`", "").replace("mlflow ui", ".venv/bin/mlflow ui", 1))
+    print(mlflow_run_line(uri, summary.get("mlflow_experiment_id"), summary["mlflow_parent_run_id"], plain=True,
+                          mlflow_cmd=".venv/bin/mlflow"))
     print(f"Report: {summary['report']['uri']}")
     return summary
 

@@ -39,7 +39,7 @@ def distill_train(job: TrainJob) -> dict:
             return {**done, "reused": True}
         fr_id = str(flow_run.id) if flow_run.id else None
         tracker = Tracker(job.tracking_uri, job.experiment) if job.tracking_uri else None
-        run_id = start_stage_run(job, tracker, fr_id) if tracker else None
+        run_id = start_stage_run(job, tracker, fr_id, store) if tracker else None
         with (tracker.run_scope(run_id) if tracker else nullcontext()):
             trained = train_stage.with_options(task_run_name=_run_name("train", job.name))(job, run_id)
             metrics = evaluate_stage.with_options(task_run_name=_run_name("evaluate", job.name))(job, trained)
@@ -71,7 +71,7 @@ def _group(job: TrainJob, threads: int) -> dict:
             return {**done, "reused": True}
         fr_id = str(flow_run.id) if flow_run.id else None
         tracker = Tracker(job.tracking_uri, job.experiment) if job.tracking_uri else None
-        run_ids = {v.name: (start_stage_run(v, tracker, fr_id) if tracker else None) for v in views}
+        run_ids = {v.name: (start_stage_run(v, tracker, fr_id, store) if tracker else None) for v in views}
         with ExitStack() as scopes:
             for run_id in run_ids.values():
                 if run_id:

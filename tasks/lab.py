@@ -389,7 +389,7 @@ def _progress_log_fn(tracker: Optional[Tracker], run_id: Optional[str], total: i
     return log_fn
 
 
-def start_stage_run(job: TrainJob, tracker: Tracker, flow_run_id: Optional[str]) -> str:
+def start_stage_run(job: TrainJob, tracker: Tracker, flow_run_id: Optional[str], store: Store) -> str:
     """A nested MLflow run for this attempt at the stage; earlier attempts whose owner died are marked KILLED."""
     _, cfg = job.kind_and_config()
     killed = tracker.end_dead_runs("distill.stage_key", job.out_prefix, is_alive=prefect_run_alive)
@@ -408,7 +408,7 @@ def start_stage_run(job: TrainJob, tracker: Tracker, flow_run_id: Optional[str])
         run_id = tracker.start_parent(job.name, params, tags)
     # the data snapshot this stage trains on (its key is data/<manifest sha256>): the UI's Dataset column
     tracker.log_dataset(run_id, name=f"distill-{job.kind}-data", digest=job.data_key.rsplit("/", 1)[-1],
-                        source=open_store(job.store_url).uri(job.data_key))
+                        source=store.uri(job.data_key))
     return run_id
 
 

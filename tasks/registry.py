@@ -129,7 +129,7 @@ def register_models(
             metadata = kind.extras["model_metadata"](model_dir) if "model_metadata" in kind.extras else None
             v = tracker.log_model(r["mlflow_run_id"], model, example, name, tags, metadata=metadata, **describe)
         versions[role] = v
-        if v.get("reused") and parent_run_id:
+        if v.get("reused") and r.get("reused") and parent_run_id:  # not a retry re-registering this run's own
             tracker.set_tags(parent_run_id, {f"distill.reused_version.{role}": f"{v['name']}/{v['version']}"})
         log.info("%s: %s version %s%s", role, v["name"], v["version"], " (already registered)" if v.get("reused") else "")
     student = f"{experiment}-student"

@@ -349,9 +349,12 @@ def formatted_rows(columns: tuple[Column, ...], rows: list[dict]) -> list[dict[s
     return [{c.header: c.format(row.get(c.key)) for c in columns} for row in rows]
 
 
-def mlflow_run_line(tracking_uri: Optional[str], experiment_id: Optional[str], run_id: Optional[str]) -> str:
+def mlflow_run_line(tracking_uri: Optional[str], experiment_id: Optional[str], run_id: Optional[str], *,
+                    plain: bool = False, mlflow_cmd: str = "mlflow") -> str:
     """Where the run is in MLflow: a link to ``<server>/#/experiments/<id>/runs/<id>`` for an http(s) tracking
-    server (credentials stripped), else the ``mlflow ui`` command that serves the local store (sqlite, file)."""
+    server (credentials stripped), else the ``mlflow ui`` command that serves the local store (sqlite, file).
+    Markdown by default; ``plain``: for a terminal (no link syntax, no backticks); ``mlflow_cmd``: the command
+    shown (e.g. ``.venv/bin/mlflow``)."""
     if not tracking_uri or not run_id:
         return ""
     uri = str(tracking_uri)
@@ -359,11 +362,13 @@ def mlflow_run_line(tracking_uri: Optional[str], experiment_id: Optional[str], r
     if scheme in ("http", "https"):
         base = strip_userinfo(uri)[0].split("#", 1)[0].rstrip("/")
         url = f"{base}/#/experiments/{experiment_id}/runs/{run_id}?{UI_RUNS_VIEW}" if experiment_id else f"{base}/#/"
-        return f"MLflow run: [{url}]({url})" if experiment_id else f"MLflow: [{url}]({url}) (run {run_id})"
+        link = url if plain else f"[{url}]({url})"
+        return f"MLflow run: {link}" if experiment_id else f"MLflow: {link} (run {run_id})"
     shown = redact_url(uri) or ""
     where = f"/#/experiments/{experiment_id}/runs/{run_id}?{UI_RUNS_VIEW}" if experiment_id else "/#/"
-    return (f"MLflow run {run_id}: serve the tracking store with `mlflow ui --backend-store-uri "
-            f"{shlex.quote(shown)} --port 5000` and open http://127.0.0.1:5000{where}")
+    tick = "" if plain else "`"
+    return (f"MLflow run {run_id}: serve the tracking store with {tick}{mlflow_cmd} ui --backend-store-uri "
+            f"{shlex.quote(shown)} --port 5000{tick} and open http://127.0.0.1:5000{where}")
 
 
 #: a markdown image whose target is no absolute http(s) URL (a file next to report.md)

@@ -85,6 +85,9 @@ def test_report_artifact_for_a_local_store_gives_the_mlflow_ui_command():
     assert "http://127.0.0.1:5000/#/experiments/1/runs/r9?workflowType=machine_learning" in first
     file_line = mlflow_run_line("file:///tmp/my runs", "0", "r1")
     assert "mlflow ui --backend-store-uri 'file:///tmp/my runs'" in file_line
+    plain = mlflow_run_line(uri, "1", "r9", plain=True, mlflow_cmd=".venv/bin/mlflow")  # what `distill run` prints
+    assert "`" not in plain and f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000" in plain
+    assert plain.endswith("http://127.0.0.1:5000/#/experiments/1/runs/r9?workflowType=machine_learning")
     db_line = mlflow_run_line("postgresql://u:pw@db/mlflow", "0", "r1")
     assert "pw@" not in db_line and "mlflow ui" in db_line
 
